@@ -1,0 +1,67 @@
+"""The VoiceFilter masking network (Wang et al. 2018), as the original built it.
+
+Parameter names match the original's checkpoints (``conv.1.weight`` ...,
+``lstm.*``, ``fc1.*``, ``fc2.*``), so ``load_state_dict`` takes them unchanged.
+The original padded with separate ``ZeroPad2d`` layers; here each convolution
+pads itself (the same zeros, one copy less) and the pad slots hold
+``nn.Identity`` so that the ``nn.Sequential`` indices stay the original's.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# (kernel, time dilation) of cnn1..cnn7; cnn8 is a 1x1 projection to 8 channels.
+_CONV_LAYOUT = [((1, 7), 1), ((7, 1), 1), ((5, 5), 1), ((5, 5), 2), ((5, 5), 4), ((5, 5), 8), ((5, 5), 16)]
+PROJ_CHANNELS = 8
+
+
+def _same_padding(kernel, dilation):
+    return ((kernel[0] - 1) * dilation // 2, (kernel[1] - 1) // 2)
+
+
+class VoiceFilter(nn.Module):
+    """Mask estimator: ``forward(mag [B, T, F], dvec [B, E]) -> mask [B, T, F]`` in [0, 1]."""
+
+    def __init__(self, hp):
+        super().__init__()
+        num_freq = hp.audio.num_freq
+        assert hp.audio.n_fft // 2 + 1 == num_freq == hp.model.fc2_dim, "stft-related dimension mismatch"
+        width = hp.model.conv_channels
+        layers = []
+        in_ch = 1
+        for kernel, dilation in _CONV_LAYOUT:
+            layers += [
+                nn.Identity(),  # the original's ZeroPad2d slot
+                nn.Conv2d(in_ch, width, kernel_size=kernel, dilation=(dilation, 1),
+                          padding=_same_padding(kernel, dilation)),
+                nn.BatchNorm2d(width),
+                nn.ReLU(),
+            ]
+            in_ch = width
+        # cnn8 had no pad layer in the original, hence indices 28/29.
+        layers += [nn.Conv2d(width, PROJ_CHANNELS, kernel_size=(1, 1)), nn.BatchNorm2d(PROJ_CHANNELS), nn.ReLU()]
+        self.conv = nn.Sequential(*layers)
+        self.lstm = nn.LSTM(PROJ_CHANNELS * num_freq + hp.embedder.emb_dim, hp.model.lstm_dim,
+                            batch_first=True, bidirectional=True)
+        self.fc1 = nn.Linear(2 * hp.model.lstm_dim, hp.model.fc1_dim)
+        self.fc2 = nn.Linear(hp.model.fc1_dim, hp.model.fc2_dim)
+        self.channels_last = bool(hp.train.get("channels_last", False))
+
+    def forward(self, x, dvec):
+        # x: [B, T, F] -> [B, 1, T, F]
+        x = x.unsqueeze(1)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x = self.conv(x)
+        # [B, 8, T, F] -> [B, T, 8 * F]; the LSTM wants channel-major features per frame
+        x = x.transpose(1, 2).reshape(x.size(0), x.size(2), -1)
+        dvec = dvec.to(x.dtype).unsqueeze(1).expand(-1, x.size(1), -1)
+        x = torch.cat((x, dvec), dim=2)  # [B, T, 8 * F + E]
+        x, _ = self.lstm(x)  # [B, T, 2 * lstm_dim]
+        x = self.fc1(F.relu(x))
+        x = self.fc2(F.relu(x))  # [B, T, F]
+        return torch.sigmoid(x)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())

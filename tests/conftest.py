@@ -1,0 +1,38 @@
+"""Shared test helpers: paths to ../shared data and small audio makers."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SHARED = ROOT.parent / "shared"
+PARITY = SHARED / "fixtures" / "original-parity"
+LIBRI_MINI = SHARED / "data" / "librispeech-mini"
+
+
+def need(path):
+    """Skip the test cleanly when ../shared (or a part of it) is absent."""
+    if not Path(path).exists():
+        pytest.skip(f"{path} is not available")
+    return Path(path)
+
+
+@pytest.fixture
+def parity_dir():
+    return need(PARITY)
+
+
+@pytest.fixture
+def libri_mini():
+    return need(LIBRI_MINI)
+
+
+def tone(seconds=1.0, rate=16000, freq=220.0, amp=0.3, seed=0):
+    """A harmonic tone with a little noise: enough structure for STFT tests."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * rate)) / rate
+    wav = sum(amp / k * np.sin(2 * np.pi * freq * k * t) for k in range(1, 6))
+    return (wav + 0.01 * rng.standard_normal(t.size)).astype(np.float32)

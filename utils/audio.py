@@ -1,0 +1,179 @@
+"""The one audio front-end: loading, saving, spectrograms, embedder mels.
+
+``Audio(hp)`` computes exactly what the original computed (numpy/librosa,
+reflect padding at the edges, as librosa 0.7 did by default) and the same
+transforms batched in torch on any device, for training, validation and
+inference. Shapes follow the original: spectrograms are ``[time, freq]``,
+embedder mels ``[num_mels, time]``.
+"""
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import librosa
+import numpy as np
+import soundfile as sf
+import torch
+
+from utils.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+# Peak amplitude under which a file counts as silent (-100 dBFS).
+SILENCE_PEAK = 1e-5
+
+
+class AudioError(UserError):
+    """An audio file that cannot be used: missing, unreadable, empty or silent."""
+
+
+def load_wav(path, sample_rate=16000):
+    """Read any file soundfile can, as mono float32 at ``sample_rate``.
+
+    Stereo is averaged to mono; other rates are resampled (soxr, via
+    librosa). Raises :class:`AudioError` for a missing, unreadable, empty or
+    silent file, naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"audio file not found: {path}")
+    try:
+        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, ValueError) as err:
+        raise AudioError(f"cannot read audio file {path}: {err}") from None
+    if data.shape[0] == 0:
+        raise AudioError(f"audio file {path} is empty (no samples)")
+    wav = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
+    if not np.all(np.isfinite(wav)):
+        raise AudioError(f"audio file {path} holds NaN or infinite samples")
+    if np.max(np.abs(wav)) < SILENCE_PEAK:
+        raise AudioError(f"audio file {path} is silent")
+    if rate != sample_rate:
+        wav = librosa.resample(wav, orig_sr=rate, target_sr=sample_rate)
+    return np.ascontiguousarray(wav, dtype=np.float32)
+
+
+def save_wav(path, wav, sample_rate=16000, subtype="FLOAT"):
+    """Write a mono WAV atomically (temporary file, then rename).
+
+    Float WAV by default, as the original's ``librosa.output.write_wav`` wrote.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wav = np.asarray(wav, dtype=np.float32)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        sf.write(tmp, wav, sample_rate, subtype=subtype, format="WAV")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Audio:
+    """Spectrogram transforms of the original, in numpy and batched torch."""
+
+    def __init__(self, hp):
+        self.hp = hp
+        self._torch_cache = {}
+        self._mel_basis = librosa.filters.mel(
+            sr=hp.audio.sample_rate, n_fft=hp.embedder.n_fft, n_mels=hp.embedder.num_mels
+        ).astype(np.float32)
+
+    # ---- numpy, as the original ------------------------------------------------
+    def stft(self, y):
+        a = self.hp.audio
+        return librosa.stft(
+            y=y, n_fft=a.n_fft, hop_length=a.hop_length, win_length=a.win_length,
+            window="hann", center=True, pad_mode="reflect",
+        )
+
+    def istft(self, mag, phase):
+        a = self.hp.audio
+        stft_matrix = mag * np.exp(1j * phase)
+        return librosa.istft(stft_matrix, hop_length=a.hop_length, win_length=a.win_length, window="hann")
+
+    def amp_to_db(self, x):
+        return 20.0 * np.log10(np.maximum(1e-5, x))
+
+    def db_to_amp(self, x):
+        return np.power(10.0, x * 0.05)
+
+    def normalize(self, S):
+        return np.clip(S / -self.hp.audio.min_level_db, -1.0, 0.0) + 1.0
+
+    def denormalize(self, S):
+        return (np.clip(S, 0.0, 1.0) - 1.0) * -self.hp.audio.min_level_db
+
+    def wav2spec(self, y):
+        """Waveform [N] -> (normalized log magnitude [T, F], phase [T, F]), float32."""
+        D = self.stft(np.asarray(y, dtype=np.float32))
+        S = self.amp_to_db(np.abs(D)) - self.hp.audio.ref_level_db
+        S, phase = self.normalize(S), np.angle(D)
+        return S.T.astype(np.float32), phase.T.astype(np.float32)
+
+    def spec2wav(self, spectrogram, phase):
+        """(normalized magnitude [T, F], phase [T, F]) -> waveform [hop * (T - 1)]."""
+        spectrogram, phase = np.asarray(spectrogram).T, np.asarray(phase).T
+        S = self.db_to_amp(self.denormalize(spectrogram) + self.hp.audio.ref_level_db)
+        return self.istft(S, phase).astype(np.float32)
+
+    def get_mel(self, y):
+        """Waveform [N] -> log10 mel [num_mels, T] for the original embedder."""
+        e, a = self.hp.embedder, self.hp.audio
+        D = librosa.stft(
+            y=np.asarray(y, dtype=np.float32), n_fft=e.n_fft, hop_length=a.hop_length,
+            win_length=a.win_length, window="hann", center=True, pad_mode="reflect",
+        )
+        mel = np.dot(self._mel_basis, np.abs(D) ** 2)
+        return np.log10(mel + 1e-6).astype(np.float32)
+
+    # ---- torch, batched, on the input's device ------------------------------------
+    def _window(self, device):
+        key = ("window", device)
+        if key not in self._torch_cache:
+            self._torch_cache[key] = torch.hann_window(self.hp.audio.win_length, device=device)
+        return self._torch_cache[key]
+
+    def _mel_basis_on(self, device):
+        key = ("mel", device)
+        if key not in self._torch_cache:
+            self._torch_cache[key] = torch.from_numpy(self._mel_basis).to(device)
+        return self._torch_cache[key]
+
+    def wav2spec_torch(self, wav):
+        """Waveforms [B, N] (or [N]) -> (magnitude, phase), each [B, T, F], float32."""
+        a = self.hp.audio
+        with torch.autocast(wav.device.type, enabled=False):
+            D = torch.stft(
+                wav.float(), n_fft=a.n_fft, hop_length=a.hop_length, win_length=a.win_length,
+                window=self._window(wav.device), center=True, pad_mode="reflect", return_complex=True,
+            )
+            S = 20.0 * torch.log10(torch.clamp(D.abs(), min=1e-5)) - a.ref_level_db
+            S = torch.clamp(S / -a.min_level_db, -1.0, 0.0) + 1.0
+            return S.transpose(-1, -2).contiguous(), torch.angle(D).transpose(-1, -2).contiguous()
+
+    def spec2wav_torch(self, spectrogram, phase, length=None):
+        """(magnitude [B, T, F], phase [B, T, F]) -> waveforms [B, hop * (T - 1)] (or ``length``)."""
+        a = self.hp.audio
+        with torch.autocast(spectrogram.device.type, enabled=False):
+            S = (torch.clamp(spectrogram.float(), 0.0, 1.0) - 1.0) * -a.min_level_db + a.ref_level_db
+            mag = torch.pow(10.0, S * 0.05).transpose(-1, -2)
+            D = torch.polar(mag, phase.float().transpose(-1, -2))
+            return torch.istft(
+                D, n_fft=a.n_fft, hop_length=a.hop_length, win_length=a.win_length,
+                window=self._window(spectrogram.device), center=True, length=length,
+            )
+
+    def get_mel_torch(self, wav):
+        """Waveforms [B, N] (or [N]) -> log10 mels [B, num_mels, T]."""
+        e, a = self.hp.embedder, self.hp.audio
+        with torch.autocast(wav.device.type, enabled=False):
+            D = torch.stft(
+                wav.float(), n_fft=e.n_fft, hop_length=a.hop_length, win_length=a.win_length,
+                window=self._window(wav.device), center=True, pad_mode="reflect", return_complex=True,
+            )
+            power = D.real ** 2 + D.imag ** 2
+            return torch.log10(torch.matmul(self._mel_basis_on(wav.device), power) + 1e-6)

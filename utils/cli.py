@@ -1,0 +1,63 @@
+"""Small pieces every entry script shares: boolean flags, device choice, logging."""
+import argparse
+import logging
+import sys
+
+import torch
+
+from utils.errors import UserError
+
+_TRUE = {"true", "t", "yes", "y", "1", "on"}
+_FALSE = {"false", "f", "no", "n", "0", "off"}
+
+
+def str2bool(text):
+    """Parse a boolean flag as people write it (the original's ``type=bool`` read 'False' as True)."""
+    value = str(text).strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (True/False, 1/0, yes/no), got {text!r}")
+
+
+def add_bool_flag(parser, *names, default=False, help=None):
+    """``--flag`` alone means True; ``--flag False`` / ``--flag 0`` / ``--flag no`` mean False."""
+    parser.add_argument(*names, type=str2bool, nargs="?", const=True, default=default, metavar="BOOL", help=help)
+
+
+def add_device_flag(parser):
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                        help="where to compute (auto: CUDA, then MPS, then CPU)")
+
+
+def pick_device(name="auto"):
+    """Choose the one device of a run; a device asked for but absent is a user error."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is available (try --device cpu)")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError("--device mps was asked for but MPS is not available (try --device cpu)")
+    if name not in ("cpu", "mps") and not name.startswith("cuda"):
+        raise UserError(f"unknown device {name!r} (use auto, cpu, cuda or mps)")
+    return torch.device(name)
+
+
+class UserErrorParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line (argparse's own usage + error, exit 2)."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def setup_console_logging(level=logging.INFO):
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)

@@ -1,0 +1,34 @@
+"""User-facing errors and the guard that turns them into one line on stderr.
+
+A ``UserError`` is a mistake the user can fix (a missing file, a bad flag, a
+config typo). Entry scripts wrap their ``main`` in :func:`run_cli`, which
+prints such errors as one ``error: ...`` line and exits non-zero; anything
+else is a bug and keeps its traceback.
+"""
+import logging
+import sys
+
+logger = logging.getLogger(__name__)
+
+EXIT_USER_ERROR = 2
+
+
+class UserError(Exception):
+    """A problem with the user's input, reported as one clear sentence."""
+
+
+def run_cli(main, argv=None):
+    """Call ``main(argv)``; print a ``UserError`` as one line and exit 2.
+
+    KeyboardInterrupt exits 130 quietly (the caller has already saved what it
+    had to save).
+    """
+    try:
+        code = main(argv)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
