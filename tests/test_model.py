@@ -1,0 +1,87 @@
+import numpy as np
+import pytest
+import torch
+
+from model.model import VoiceFilter, count_parameters
+from utils.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from utils.errors import UserError
+from utils.hparams import HParam
+
+ORIGINAL_KEYS = {f"conv.{i}" for i in (1, 5, 9, 13, 17, 21, 25, 28)} | {
+    f"conv.{i}" for i in (2, 6, 10, 14, 18, 22, 26, 29)}
+
+
+def test_default_model_has_the_original_size_and_names():
+    model = VoiceFilter(HParam())
+    assert round(count_parameters(model) / 1e6, 1) == 18.9
+    prefixes = {k.rsplit(".", 1)[0] for k in model.state_dict() if k.startswith("conv.")}
+    assert prefixes == ORIGINAL_KEYS
+    assert {"lstm.weight_ih_l0", "lstm.weight_hh_l0_reverse", "fc1.weight", "fc2.bias"} <= set(model.state_dict())
+
+
+@pytest.mark.parametrize("batch, frames", [(1, 50), (3, 101)])
+def test_forward_shapes_and_range(batch, frames):
+    hp = HParam("config/tiny.yaml")
+    model = VoiceFilter(hp).eval()
+    with torch.no_grad():
+        mask = model(torch.rand(batch, frames, 257), torch.randn(batch, 256))
+    assert mask.shape == (batch, frames, 257)
+    assert float(mask.min()) >= 0 and float(mask.max()) <= 1
+
+
+def test_channels_last_gives_the_same_mask(tmp_path):
+    hp = HParam("config/tiny.yaml")
+    torch.manual_seed(0)
+    plain = VoiceFilter(hp).eval()
+    hp.train.channels_last = True
+    fast = VoiceFilter(hp).eval()
+    fast.load_state_dict(plain.state_dict())
+    x, d = torch.rand(2, 40, 257), torch.randn(2, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x, d), plain(x, d), atol=1e-5, rtol=1e-5)
+
+
+def test_original_checkpoint_loads_safely_and_gives_the_original_mask(parity_dir):
+    hp = HParam(parity_dir / "config.yaml")
+    state = load_checkpoint(parity_dir / "chkpt.pt")
+    assert {"model", "optimizer", "step", "hp_str"} <= set(state) and state["step"] == 3
+    model = VoiceFilter(hp).eval()
+    model.load_state_dict(state["model"])  # unchanged original names
+    mag = torch.from_numpy(np.load(parity_dir / "mixed_mag.npy"))[None]
+    dvec = torch.from_numpy(np.load(parity_dir / "dvec.npy"))[None]
+    with torch.no_grad():
+        mask = model(mag, dvec)[0].numpy()
+    assert np.abs(mask - np.load(parity_dir / "mask.npy")).max() < 1e-3
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    hp = HParam("config/tiny.yaml")
+    model = VoiceFilter(hp)
+    path = save_checkpoint({"model": model.state_dict(), "step": 7, "hp_str": hp.hp_str}, tmp_path / "c.pt")
+    state = load_checkpoint(path)
+    other = VoiceFilter(hp)
+    load_model_weights(other, state["model"], path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, other.state_dict()[key])
+    with pytest.raises(UserError, match="pass the same -c"):
+        load_model_weights(VoiceFilter(HParam()), state["model"], path)
+    (tmp_path / "bad.pt").write_bytes(b"\x00garbage" * 50)
+    with pytest.raises(UserError, match="cannot load checkpoint"):
+        load_checkpoint(tmp_path / "bad.pt")
+    with pytest.raises(UserError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    truncated = tmp_path / "trunc.pt"
+    truncated.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(UserError):
+        load_checkpoint(truncated)
+
+
+def test_pickled_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "x": Evil()}, path)
+    with pytest.raises(UserError, match="cannot load"):
+        load_checkpoint(path)
