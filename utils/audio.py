@@ -13,6 +13,7 @@ from pathlib import Path
 
 import librosa
 import numpy as np
+import scipy.io.wavfile
 import soundfile as sf
 import torch
 
@@ -57,7 +58,9 @@ def load_wav(path, sample_rate=16000):
 def save_wav(path, wav, sample_rate=16000, subtype="FLOAT"):
     """Write a mono WAV atomically (temporary file, then rename).
 
-    Float WAV by default, as the original's ``librosa.output.write_wav`` wrote.
+    Float WAV by default, as the original's ``librosa.output.write_wav`` wrote. Float WAVs are
+    written by scipy: libsndfile adds a PEAK chunk with a timestamp, which would make the same
+    audio give different bytes from one run to the next.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -65,7 +68,10 @@ def save_wav(path, wav, sample_rate=16000, subtype="FLOAT"):
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        sf.write(tmp, wav, sample_rate, subtype=subtype, format="WAV")
+        if subtype == "FLOAT":
+            scipy.io.wavfile.write(tmp, sample_rate, wav)
+        else:
+            sf.write(tmp, wav, sample_rate, subtype=subtype, format="WAV")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
