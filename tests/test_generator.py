@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from conftest import ROOT, need, LIBRI_MINI
+from conftest import LIBRI_MINI, ROOT, need
 
 from datasets.generation import generate
 from datasets.samples import list_samples, read_manifest
