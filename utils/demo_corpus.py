@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 DEFAULT_SUBSETS = {"train-clean-100": (40, 6), "dev-clean": (10, 6)}
-DEFAULT_DURATION = (3.0, 6.0)
+DEFAULT_DURATION = (4.0, 6.0)  # ~97% stay >= 3 s (audio_len) after the generator trims edge silence
 UTTS_PER_CHAPTER = 4  # real LibriSpeech speakers read several chapters; the generator must recurse
 FIRST_SPEAKER_ID = 1001
 SPEAKER_ID_STRIDE = 1000  # subset k gets ids 1001 + 1000*k ...: ids never collide across subsets
@@ -129,7 +129,7 @@ def speaker_traits(seed: int, speaker_id: int) -> Speaker:
         fricative_scale=rng.uniform(0.85, 1.15),
         pause=rng.uniform(0.08, 0.25),
         high_formants=HIGH_FORMANTS * rng.uniform(0.9, 1.1, size=2),
-        colour=np.stack([rng.normal(0.0, 2.5, size=4), rng.uniform(0.0, 2.0 * np.pi, size=4)], axis=1),
+        colour=np.stack([rng.normal(0.0, 3.5, size=4), rng.uniform(0.0, 2.0 * np.pi, size=4)], axis=1),
     )
 
 
@@ -146,7 +146,6 @@ class Tracks:
     bandwidths: np.ndarray  # [F, 5] Hz
     fric_centre: np.ndarray  # [F] Hz
     fric_width: np.ndarray  # [F] Hz
-    f0: np.ndarray  # [F] Hz
     stress: list  # (centre frame, width frames, height semitones) of pitch accents
 
 
@@ -182,18 +181,20 @@ def _plan_utterance(spk: Speaker, rng: np.random.Generator, n_frames: int) -> Tr
         bandwidths=np.tile(VOWEL_BANDWIDTHS, (n_frames, 1)),
         fric_centre=np.full(n_frames, 5000.0),
         fric_width=np.full(n_frames, 1500.0),
-        f0=np.zeros(n_frames),
         stress=[],
     )
-    lead = int(rng.uniform(0.15, 0.4) * frames_per_s)
-    tail = int(rng.uniform(0.15, 0.4) * frames_per_s)
+    # leading/trailing silence, at most a fifth of the utterance each so one word always fits
+    lead = min(int(rng.uniform(0.15, 0.4) * frames_per_s), n_frames // 5)
+    tail = min(int(rng.uniform(0.15, 0.4) * frames_per_s), n_frames // 5)
     pos = lead
     syllable = frames_per_s / spk.rate
     while True:
         n_syllables = int(rng.choice([1, 1, 2, 2, 2, 3, 3, 4]))
         word_frames = int(n_syllables * syllable * 1.3)
         if pos + word_frames > n_frames - tail:
-            break
+            if pos > lead:
+                break
+            n_syllables = 1  # a very short utterance still gets its one (possibly clipped) word
         for k in range(n_syllables):
             stressed = k == 0 and rng.random() < 0.7
             pos = _plan_syllable(spk, rng, tracks, pos, syllable, stressed, n_frames - tail)
@@ -262,7 +263,7 @@ def _smooth(x: np.ndarray, width: int) -> np.ndarray:
 
 def _pitch_track(spk: Speaker, rng: np.random.Generator, tracks: Tracks) -> np.ndarray:
     """F0 in Hz per frame: declination over the utterance, accents, and a slow random wander."""
-    n = len(tracks.f0)
+    n = len(tracks.voiced_gain)
     t = np.linspace(0.0, 1.0, n)
     semitones = spk.f0_range * (0.5 - t) * 0.8  # declination from +0.4 to -0.4 ranges
     frames = np.arange(n)
@@ -393,7 +394,9 @@ def synthesize_utterance(spk: Speaker, rng: np.random.Generator, n_samples: int)
                 + noise_source * noise_filter * (NOISE_SCALE * noise_gain)[:, None])
     speech = _overlap_add(np.fft.irfft(spectrum, n=FFT_SIZE, axis=1), n_samples)
 
-    active = np.abs(speech) > 0.05 * np.max(np.abs(speech))
+    active = np.abs(speech) > 0.05 * np.max(np.abs(speech)) + 1e-12
+    if not active.any():  # cannot happen with the plan above; never divide by zero if it does
+        active[:] = True
     speech *= TARGET_RMS / (np.sqrt(np.mean(speech[active] ** 2)) + 1e-12)
     speech += NOISE_FLOOR * rng.normal(0.0, 1.0, n_samples)
     peak = np.max(np.abs(speech))
@@ -549,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--speakers", nargs="+", type=_parse_subset, metavar="SUBSET=NxM",
                         help=f"N speakers with M utterances each per subset (default: {default})")
     parser.add_argument("--duration", nargs=2, type=float, metavar=("MIN", "MAX"),
-                        default=list(DEFAULT_DURATION), help="utterance length in seconds (default 3 6)")
+                        default=list(DEFAULT_DURATION), help="utterance length in seconds (default 4 6)")
     parser.add_argument("-j", "--jobs", type=int, default=None, help="worker processes (default: all cores)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return parser
