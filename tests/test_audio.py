@@ -131,3 +131,21 @@ def test_save_wav_is_atomic_and_float(tmp_path):
     info = sf.info(path)
     assert info.subtype == "FLOAT" and info.samplerate == 16000
     assert [p.name for p in path.parent.iterdir()] == ["r.wav"]
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Temporary files are private; the renamed result must be as readable as open() makes it."""
+    import os
+    import stat
+
+    from utils.plotting import save_histogram
+
+    old = os.umask(0o022)
+    try:
+        save_wav(tmp_path / "r.wav", tone(0.5))
+        save_histogram(tmp_path / "h.png", {"a": np.arange(10.0)})
+    finally:
+        os.umask(old)
+    for name in ("r.wav", "h.png"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["h.png", "r.wav"]

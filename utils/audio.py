@@ -7,8 +7,6 @@ inference. Shapes follow the original: spectrograms are ``[time, freq]``,
 embedder mels ``[num_mels, time]``.
 """
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import librosa
@@ -17,6 +15,7 @@ import scipy.io.wavfile
 import soundfile as sf
 import torch
 
+from utils.atomic import atomic_path
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -62,20 +61,12 @@ def save_wav(path, wav, sample_rate=16000, subtype="FLOAT"):
     written by scipy: libsndfile adds a PEAK chunk with a timestamp, which would make the same
     audio give different bytes from one run to the next.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     wav = np.asarray(wav, dtype=np.float32)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if subtype == "FLOAT":
             scipy.io.wavfile.write(tmp, sample_rate, wav)
         else:
             sf.write(tmp, wav, sample_rate, subtype=subtype, format="WAV")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Audio:

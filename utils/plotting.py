@@ -3,8 +3,6 @@
 matplotlib's Agg backend only (no display); figures are rendered through
 ``buffer_rgba`` (the original's ``tostring_rgb`` is gone from matplotlib).
 """
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -12,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from utils.atomic import atomic_path  # noqa: E402
 
 
 def _figure_to_array(fig):
@@ -36,17 +36,12 @@ def spectrogram_image(spec, title=None):
 
 def _save_figure(fig, path):
     """Save atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=100, format=Path(path).suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return Path(path)
 
 
 def save_spectrograms(path, panels, hop_seconds=None):
