@@ -1,0 +1,54 @@
+"""Train VoiceFilter: ``python trainer.py -c CONFIG -e EMBEDDER -m NAME [-b BASE_DIR]``.
+
+Checkpoints go to ``BASE/chkpt/NAME/chkpt_STEP.pt`` (plus ``best.pt`` and the
+run's ``config.yaml``), logs and TensorBoard events to ``BASE/logs/NAME``.
+``--checkpoint_path chkpt/NAME/chkpt_STEP.pt`` resumes. Multi-GPU:
+``torchrun --nproc_per_node N trainer.py ...``. The procedure lives in
+:mod:`utils.train`.
+"""
+import sys
+
+from utils.cli import UserErrorParser, add_device_flag
+from utils.errors import run_cli
+from utils.hparams import HParam
+
+
+def build_parser():
+    parser = UserErrorParser(description="Train the VoiceFilter masking network.")
+    parser.add_argument("-c", "--config", required=True, help="yaml file of the configuration")
+    parser.add_argument("-e", "--embedder_path", default="resemblyzer",
+                        help="speaker embedder: an original-format embedder.pt, or 'resemblyzer' (the default: "
+                             "the pretrained GE2E encoder of the resemblyzer package)")
+    parser.add_argument("-m", "--model", required=True,
+                        help="name of the run, used for its checkpoint and log folders")
+    parser.add_argument("-b", "--base_dir", default=".", help="root folder of chkpt/ and logs/ (default: .)")
+    parser.add_argument("--checkpoint_path", default=None, help="checkpoint to resume from")
+    parser.add_argument("--max_steps", type=int, default=None,
+                        help="stop at this step (overrides train.max_steps; 0: until interrupted)")
+    parser.add_argument("--train_dir", default=None, help="training samples (overrides data.train_dir)")
+    parser.add_argument("--test_dir", default=None, help="test samples (overrides data.test_dir)")
+    add_device_flag(parser)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    hp = HParam(args.config)
+    if args.max_steps is not None:
+        hp.train.max_steps = args.max_steps
+    if args.train_dir is not None:
+        hp.data.train_dir = args.train_dir
+    if args.test_dir is not None:
+        hp.data.test_dir = args.test_dir
+
+    from utils.train import TrainingDiverged, run_training  # torch and friends: after the flags are checked
+    try:
+        return run_training(hp, args.model, base_dir=args.base_dir, embedder=args.embedder_path,
+                            checkpoint_path=args.checkpoint_path, device=args.device)
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    run_cli(main)
