@@ -1,0 +1,421 @@
+"""trainer.py end to end on a tiny synthetic dataset, on the CPU.
+
+The dataset is written here directly in the generator's layout (harmonic
+"speakers", their spectrograms, -dvec.txt pointing at a reference wav), so
+these tests do not depend on generator.py. The speaker embedder is a tiny
+original-format ``embedder.pt`` with random weights (lstm_hidden 16).
+"""
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import PARITY, ROOT, need
+
+from datasets.dataloader import ResumableSampler, build_dataset
+from model.embedder import SpeechEmbedder, load_embedder
+from trainer import main as trainer_main
+from utils.audio import Audio, save_wav
+from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.dvec_cache import cache_path
+from utils.errors import UserError
+from utils.hparams import HParam
+from utils.train import StopSignals, TrainingDiverged, make_loss, run_training
+
+RATE = 16000
+N_TRAIN, N_TEST = 16, 4
+SPEAKER_F0 = [95.0, 130.0, 175.0, 230.0, 290.0]
+
+# tiny.yaml, smaller still: 0.5 s clips, batches of 4, a 16-unit embedder, every step summarized
+TEST_OVERRIDES = {
+    "data": {"audio_len": 0.5},
+    "train": {"batch_size": 4, "summary_interval": 1, "checkpoint_interval": 1000, "max_steps": 6},
+    "embedder": {"lstm_hidden": 16},
+}
+
+
+def _merge(base, over):
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(base.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def write_config(path, overrides=None, base=ROOT / "config" / "tiny.yaml"):
+    """tiny.yaml (or ``base``) + TEST_OVERRIDES + ``overrides``, as one YAML file."""
+    cfg = {}
+    for doc in yaml.safe_load_all(Path(base).read_text()):
+        cfg.update(doc or {})
+    if Path(base).name == "tiny.yaml":
+        cfg = _merge(cfg, TEST_OVERRIDES)
+    cfg = _merge(cfg, overrides or {})
+    Path(path).write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return Path(path)
+
+
+def speaker_wav(speaker, seconds, seed):
+    """A voice-like harmonic signal: the speaker's pitch with vibrato, syllable-rate bursts."""
+    rng = np.random.default_rng(seed)
+    n = int(seconds * RATE)
+    t = np.arange(n) / RATE
+    f0 = SPEAKER_F0[speaker] * (1 + 0.03 * np.sin(2 * np.pi * rng.uniform(3, 6) * t + rng.uniform(0, 6)))
+    phase = 2 * np.pi * np.cumsum(f0) / RATE
+    tilt = 0.6 + 0.1 * speaker
+    wav = sum(np.sin(k * phase) / k ** tilt for k in range(1, 12) if k * SPEAKER_F0[speaker] < RATE / 2.5)
+    envelope = np.clip(np.sin(2 * np.pi * rng.uniform(2.5, 4.5) * t + rng.uniform(0, 6)), 0.05, None)
+    wav = wav * envelope + 0.005 * rng.standard_normal(n)
+    return (0.3 * wav / np.max(np.abs(wav))).astype(np.float32)
+
+
+def write_split(split_dir, count, hp, references, seed, float16=False):
+    """``count`` samples in the generator's layout (target = speaker 1, its reference in dvec.txt)."""
+    audio = Audio(hp)
+    split_dir.mkdir(parents=True, exist_ok=True)
+    n_speakers = len(references)
+    for i in range(count):
+        s1 = i % n_speakers
+        s2 = (s1 + 1 + i // n_speakers) % n_speakers
+        if s2 == s1:
+            s2 = (s1 + 1) % n_speakers
+        target = speaker_wav(s1, hp.data.audio_len, seed + 2 * i)
+        interference = speaker_wav(s2, hp.data.audio_len, seed + 2 * i + 1)
+        mixed = target + interference
+        scale = 1.0 / (1.1 * np.max(np.abs(mixed)))
+        target, mixed = target * scale, mixed * scale
+        sid = f"{i:06d}"
+        save_wav(split_dir / f"{sid}-target.wav", target, RATE)
+        save_wav(split_dir / f"{sid}-mixed.wav", mixed, RATE)
+        dtype = torch.float16 if float16 and i % 2 else torch.float32
+        torch.save(torch.from_numpy(audio.wav2spec(target)[0]).to(dtype), split_dir / f"{sid}-target.pt")
+        torch.save(torch.from_numpy(audio.wav2spec(mixed)[0]).to(dtype), split_dir / f"{sid}-mixed.pt")
+        (split_dir / f"{sid}-dvec.txt").write_text(str(references[s1]) + "\n")
+
+
+def make_dataset(root, config, n_train=N_TRAIN, n_test=N_TEST):
+    """``root/refs/*.wav``, ``root/train``, ``root/test`` for the given config file."""
+    hp = HParam(config)
+    refs = []
+    for spk in range(len(SPEAKER_F0)):
+        path = root / "refs" / f"speaker{spk}.wav"
+        save_wav(path, speaker_wav(spk, 1.5, 1000 + spk), RATE)
+        refs.append(path.resolve())
+    write_split(root / "train", n_train, hp, refs, seed=0, float16=True)
+    write_split(root / "test", n_test, hp, refs, seed=500)
+    return root / "train", root / "test"
+
+
+def make_embedder(path, config):
+    """An original-format embedder.pt (bare state_dict) with random weights."""
+    torch.manual_seed(0)
+    torch.save(SpeechEmbedder(HParam(config)).state_dict(), path)
+    return path
+
+
+def train(root, name, config, *extra, embedder=None):
+    """trainer.py's main in this process; returns its exit code."""
+    argv = ["-c", str(config), "-e", str(embedder or root / "embedder.pt"), "-m", name, "-b", str(root),
+            "--train_dir", str(root / "train"), "--test_dir", str(root / "test"), "--device", "cpu", *extra]
+    return trainer_main(argv)
+
+
+def read_events(logdir):
+    """``{tag: [(step, value or None)]}`` from the TFRecord event files of a TensorBoard log folder."""
+    from tensorboardX.proto import event_pb2
+    tags = {}
+    for path in sorted(Path(logdir).glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[pos + 12:pos + 12 + length])  # skip length + its crc
+            pos += 12 + length + 4  # record + its crc
+            for value in event.summary.value:
+                scalar = value.simple_value if value.WhichOneof("value") == "simple_value" else None
+                tags.setdefault(value.tag, []).append((event.step, scalar))
+    return tags
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer")
+    config = write_config(root / "tiny-test.yaml")
+    make_dataset(root, config)
+    make_embedder(root / "embedder.pt", config)
+    return root
+
+
+@pytest.fixture(scope="module")
+def learning_run(data):
+    """40 steps on 16 samples (10 epochs), validated at 20 and 40."""
+    config = write_config(data / "learn.yaml", {"train": {"max_steps": 40, "checkpoint_interval": 20}})
+    assert train(data, "learn", config) == 0
+    return data
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+# ---- the training run ---------------------------------------------------------------------------
+def test_loss_falls(learning_run):
+    losses = [v for _, v in sorted(read_events(learning_run / "logs" / "learn")["train_loss"])]
+    assert len(losses) == 40
+    first, last = np.mean(losses[:8]), np.mean(losses[-8:])
+    assert last < 0.7 * first, (first, last)
+
+
+def test_run_outputs(learning_run):
+    chkpt = learning_run / "chkpt" / "learn"
+    assert {p.name for p in chkpt.iterdir()} == {"chkpt_20.pt", "chkpt_40.pt", "best.pt", "config.yaml"}
+    state = load_checkpoint(chkpt / "chkpt_40.pt")
+    assert state["step"] == 40 and state["epoch"] == 10 and state["batch_in_epoch"] == 0
+    assert {"model", "optimizer", "hp_str", "rng", "scaler", "best_sdr", "embedder"} <= set(state)
+    assert HParam.from_string((chkpt / "config.yaml").read_text()).train.max_steps == 40
+    best = load_checkpoint(chkpt / "best.pt")
+    assert best["sdr"] == state["best_sdr"] and best["step"] in (20, 40)
+    logs = list((learning_run / "logs" / "learn").glob("learn-*.log"))
+    assert len(logs) == 1 and "validation at step 40" in logs[0].read_text()
+    # the d-vectors were cached per split, keyed by the embedder
+    cached = sorted(p.name for p in (learning_run / "train").glob("dvec-cache-*.pt"))
+    assert len(cached) == 1 and cached[0].startswith("dvec-cache-ge2e-")
+
+
+def test_tensorboard_tags(learning_run):
+    tags = read_events(learning_run / "logs" / "learn")
+    expected = {"train_loss", "test_loss", "SDR", "step_time", "learning_rate", "mixed_wav", "target_wav",
+                "estimated_wav", "data/mixed_spectrogram", "data/target_spectrogram",
+                "result/estimated_spectrogram", "result/estimated_mask", "result/estimation_error_sq"}
+    assert expected <= set(tags)
+    assert [s for s, _ in tags["SDR"]] == [20, 40]
+    assert all(np.isfinite(v) for _, v in tags["SDR"] + tags["test_loss"])
+
+
+def test_resume_is_exact(data):
+    config = write_config(data / "resume.yaml", {"train": {"max_steps": 6, "checkpoint_interval": 3}})
+    assert train(data, "straight", config) == 0
+    chkpt = data / "chkpt"
+    assert train(data, "resumed", config, "--checkpoint_path", str(chkpt / "straight" / "chkpt_3.pt")) == 0
+    straight, resumed = load_checkpoint(chkpt / "straight" / "chkpt_6.pt"), load_checkpoint(
+        chkpt / "resumed" / "chkpt_6.pt")
+    assert not (chkpt / "resumed" / "chkpt_3.pt").exists()
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    for a, b in zip(straight["optimizer"]["state"].values(), resumed["optimizer"]["state"].values(), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    # step 3 is mid-epoch (4 batches per epoch): the position was restored, not guessed
+    assert load_checkpoint(chkpt / "straight" / "chkpt_3.pt")["batch_in_epoch"] == 3
+
+
+def test_bf16_on_cpu(data):
+    config = write_config(data / "bf16.yaml", {"train": {"max_steps": 1, "precision": "bf16"}})
+    assert train(data, "bf16", config) == 0
+    weights = _weights(data / "chkpt" / "bf16" / "chkpt_1.pt")
+    assert all(v.dtype in (torch.float32, torch.int64) for v in weights.values())  # weights stay fp32
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_power_law_loss_and_adabound(data):
+    config = write_config(data / "pl.yaml", {"train": {"max_steps": 2, "loss": "power_law",
+                                                        "optimizer": "adabound"}})
+    assert train(data, "powerlaw", config) == 0
+    hp = HParam(config)
+    loss = make_loss(hp)
+    est = torch.zeros(2, 3, requires_grad=True)
+    loss(est, torch.rand(2, 3)).mean().backward()
+    assert torch.isfinite(est.grad).all()  # 0^p has no finite slope: the clamp keeps it finite
+
+
+def test_config_change_warns_and_wrong_shape_fails(data, caplog):
+    base = write_config(data / "cc.yaml", {"train": {"max_steps": 1}})
+    assert train(data, "cc", base) == 0
+    ckpt = str(data / "chkpt" / "cc" / "chkpt_1.pt")
+    changed = write_config(data / "cc2.yaml", {"train": {"max_steps": 2, "adam": 0.0005}})
+    with caplog.at_level("WARNING"):
+        assert train(data, "cc2", changed, "--checkpoint_path", ckpt) == 0
+    assert "train.adam: 0.001 -> 0.0005" in caplog.text
+    wrong = write_config(data / "cc3.yaml", {"model": {"lstm_dim": 32}, "train": {"max_steps": 2}})
+    with pytest.raises(UserError, match="does not fit the config"):
+        train(data, "cc3", wrong, "--checkpoint_path", ckpt)
+
+
+# ---- data pieces ----------------------------------------------------------------------------------
+def test_dvec_cache_computed_once(data, monkeypatch):
+    hp = HParam(write_config(data / "cache.yaml"))
+    embedder = load_embedder(data / "embedder.pt", hp)
+    split = data / "cache-split"
+    write_split(split, 3, hp, sorted((data / "refs").glob("*.wav")), seed=7)
+    calls = []
+    original = embedder.embed_many
+    monkeypatch.setattr(embedder, "embed_many", lambda wavs: calls.append(len(wavs)) or original(wavs))
+    first = build_dataset(hp, split, embedder)
+    assert calls == [3] and cache_path(split, embedder.name).is_file()
+    second = build_dataset(hp, split, embedder)
+    assert calls == [3] and torch.equal(first.dvecs, second.dvecs)  # read back, not recomputed
+    write_split(split, 5, hp, sorted((data / "refs").glob("*.wav")), seed=7)  # two more references
+    build_dataset(hp, split, embedder)
+    assert calls == [3, 2]
+    dvec, target_mag, mixed_mag = first[1]
+    assert dvec.shape == (256,) and target_mag.dtype == mixed_mag.dtype == torch.float32
+
+
+def test_sampler_order_depends_on_seed_and_epoch_only():
+    data = list(range(10))
+    sampler = ResumableSampler(data, batch_size=3, seed=5)
+    sampler.set_position(2)
+    full = list(sampler)
+    sampler.set_position(2, start_batch=1)
+    assert list(sampler) == full[3:] and len(sampler) == 7
+    assert sampler.batches_per_epoch == 3
+    other = ResumableSampler(data, batch_size=3, seed=5)
+    other.set_position(3)
+    assert list(other) != full
+
+
+# ---- failures -------------------------------------------------------------------------------------
+def test_missing_or_empty_dirs_fail_clearly(data, tmp_path):
+    config = write_config(tmp_path / "c.yaml")
+    with pytest.raises(UserError, match="folder not found"):
+        trainer_main(["-c", str(config), "-e", str(data / "embedder.pt"), "-m", "x", "-b", str(tmp_path),
+                      "--train_dir", str(tmp_path / "nope"), "--test_dir", str(data / "test"), "--device", "cpu"])
+    with pytest.raises(UserError, match="data.train_dir is empty"):
+        trainer_main(["-c", str(config), "-e", str(data / "embedder.pt"), "-m", "x", "-b", str(tmp_path),
+                      "--device", "cpu"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no samples found"):
+        trainer_main(["-c", str(config), "-e", str(data / "embedder.pt"), "-m", "x", "-b", str(tmp_path),
+                      "--train_dir", str(tmp_path / "empty"), "--test_dir", str(data / "test"), "--device", "cpu"])
+
+
+def test_missing_embedder_checkpoint_and_fp16_on_cpu_fail_clearly(data):
+    config = write_config(data / "fail.yaml")
+    with pytest.raises(UserError, match="embedder file not found"):
+        train(data, "fail", config, embedder=data / "missing.pt")
+    with pytest.raises(UserError, match="checkpoint not found"):
+        train(data, "fail", config, "--checkpoint_path", str(data / "chkpt_missing.pt"))
+    fp16 = write_config(data / "fp16.yaml", {"train": {"precision": "fp16"}})
+    with pytest.raises(UserError, match="fp16 needs a CUDA"):
+        train(data, "fail", fp16)
+
+
+def test_nan_loss_stops_with_exit_1(data, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    for split in ("train", "test"):
+        (bad / split).mkdir(parents=True)
+        for f in (data / split).iterdir():
+            if not f.name.startswith("dvec-cache"):
+                (bad / split / f.name).symlink_to(f)
+    for f in (bad / "train").glob("*-mixed.pt"):
+        f.unlink()
+        torch.save(torch.full((51, 257), float("nan")), f)
+    (bad / "embedder.pt").symlink_to(data / "embedder.pt")
+    assert train(bad, "nan", write_config(tmp_path / "c.yaml")) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: loss exploded to nan at step 1")
+    assert not (bad / "chkpt" / "nan" / "chkpt_1.pt").exists()
+    with pytest.raises(TrainingDiverged):
+        run_training(HParam(write_config(tmp_path / "c2.yaml", {"data": {"train_dir": str(bad / "train"),
+                                                                         "test_dir": str(bad / "test")}})),
+                     "nan2", base_dir=tmp_path, embedder=str(data / "embedder.pt"), device="cpu", progress=False)
+
+
+def test_stop_signals():
+    """SIGTERM/SIGINT set a flag (the loop checkpoints and exits); a second Ctrl-C aborts."""
+    before = signal.getsignal(signal.SIGTERM)
+    with StopSignals() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.signum == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)  # repeated (torchrun forwarding): ignored
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_cli_user_error_is_one_line(data):
+    config = write_config(data / "cli.yaml")
+    proc = subprocess.run([sys.executable, str(ROOT / "trainer.py"), "-c", str(config), "-m", "x",
+                           "-e", str(data / "nope.pt"), "-b", str(data / "cli"), "--train_dir", str(data / "train"),
+                           "--test_dir", str(data / "test"), "--device", "cpu"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: embedder file not found")
+    assert "Traceback" not in proc.stderr
+
+
+# ---- signals, originals, DDP ---------------------------------------------------------------------
+@pytest.mark.slow
+def test_sigint_writes_checkpoint(data):
+    config = write_config(data / "sig.yaml", {"train": {"max_steps": 0}})
+    cmd = [sys.executable, str(ROOT / "trainer.py"), "-c", str(config), "-e", str(data / "embedder.pt"),
+           "-m", "sig", "-b", str(data), "--train_dir", str(data / "train"), "--test_dir", str(data / "test"),
+           "--device", "cpu"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log_dir = data / "logs" / "sig"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        logs = list(log_dir.glob("sig-*.log"))
+        if logs and "step 3:" in logs[0].read_text():
+            break
+        time.sleep(0.2)
+    else:
+        proc.kill()
+        pytest.fail("training did not reach step 3")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    saved = sorted((data / "chkpt" / "sig").glob("chkpt_*.pt"))
+    assert len(saved) == 1 and "checkpoint saved to" in err and str(saved[0]) in err
+    state = load_checkpoint(saved[0])
+    assert state["step"] >= 3 and state["rng"]
+
+
+@pytest.mark.slow
+def test_original_checkpoint_resumes(tmp_path, caplog):
+    parity = need(PARITY)
+    config = write_config(tmp_path / "orig.yaml", {"data": {"audio_len": 0.5},
+                                                   "train": {"batch_size": 2, "max_steps": 4}},
+                          base=parity / "config.yaml")
+    make_dataset(tmp_path, config, n_train=2, n_test=1)
+    with caplog.at_level("WARNING"):
+        code = train(tmp_path, "orig", config, "--checkpoint_path", str(parity / "chkpt.pt"),
+                     embedder=parity / "embedder.pt")
+    assert code == 0
+    assert "not exactly as an uninterrupted run" in caplog.text
+    state = load_checkpoint(tmp_path / "chkpt" / "orig" / "chkpt_4.pt")
+    assert state["step"] == 4
+    original = torch.load(parity / "chkpt.pt", weights_only=True)["model"]
+    assert not torch.equal(state["model"]["fc2.weight"], original["fc2.weight"])  # it trained on
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_gloo(data, tmp_path):
+    config = write_config(tmp_path / "ddp.yaml", {"train": {"max_steps": 3, "batch_size": 4}})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "trainer.py"), "-c", str(config), "-e", str(data / "embedder.pt"), "-m", "ddp",
+           "-b", str(tmp_path), "--train_dir", str(data / "train"), "--test_dir", str(data / "test"),
+           "--device", "cpu"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = load_checkpoint(tmp_path / "chkpt" / "ddp" / "chkpt_3.pt")
+    assert state["step"] == 3 and state["world_size"] == 2
+    assert not any(k.startswith("module.") for k in state["model"])
+    assert "SDR" in read_events(tmp_path / "logs" / "ddp")
+
+
+def test_checkpoint_state_loads_weights_only(tmp_path):
+    """The RNG states stored for exact resume survive ``torch.load(weights_only=True)``."""
+    from utils.train import rng_state, set_rng_state
+    save_checkpoint({"model": {}, "rng": rng_state()}, tmp_path / "c.pt")
+    state = torch.load(tmp_path / "c.pt", weights_only=True)
+    expected = (random.random(), np.random.random(), torch.rand(3))
+    set_rng_state(state["rng"])
+    again = (random.random(), np.random.random(), torch.rand(3))
+    assert again[:2] == expected[:2] and torch.equal(again[2], expected[2])
