@@ -1,0 +1,90 @@
+"""Keep (or remove) the reference speaker's voice in mixtures with a trained VoiceFilter.
+
+    python inference.py -c CONFIG -e EMBEDDER --checkpoint_path CKPT -m MIXED.wav -r REFERENCE.wav \
+        -o OUT_DIR --mask org|inv_div|inv_sub|all [--factor 0.7]
+
+One mixture writes OUT_DIR/result.wav (float WAV); several (-m a.wav b.wav, or a folder)
+write OUT_DIR/<name>-result.wav each. See utils/separation.py for the mask modes.
+"""
+import argparse
+import logging
+
+from utils.cli import UserErrorParser, add_bool_flag, add_device_flag, pick_device, setup_console_logging
+from utils.errors import run_cli
+from utils.hparams import HParam
+from utils.separation import (
+    BATCH_SIZE,
+    CHUNK_SECONDS,
+    DEFAULT_FACTOR,
+    INV_DIV_EPS,
+    OVERLAP_SECONDS,
+    expand_inputs,
+    load_separator,
+    non_negative_float,
+    output_plan,
+    pair_references,
+    parse_modes,
+    positive_float,
+    positive_int,
+    separate_files,
+)
+
+
+def build_parser():
+    p = UserErrorParser(description=__doc__.split("\n\n")[0],
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-c", "--config", required=True, help="the YAML config the model was trained with")
+    p.add_argument("-e", "--embedder_path", "--embedder", dest="embedder", default="resemblyzer",
+                   help="an original-format embedder.pt, or 'resemblyzer' (pretrained, offline)")
+    p.add_argument("--checkpoint_path", required=True, help="a trainer checkpoint (chkpt_STEP.pt or best.pt)")
+    p.add_argument("-m", "--mixed_file", nargs="+", action="extend", required=True, metavar="MIXED",
+                   help="mixture file(s) or folder(s) of audio files (wav, flac, ogg, mp3...; any rate, "
+                        "any channels); repeatable")
+    p.add_argument("-r", "--reference_file", nargs="+", action="extend", required=True, metavar="REFERENCE",
+                   help="reference recording of the speaker: one for all mixtures, or one per mixture")
+    p.add_argument("-o", "--out_dir", required=True, help="output folder")
+    p.add_argument("--mask", default="org", choices=["org", "inv_div", "inv_sub", "all"],
+                   help="org: est = mag*mask (keep the speaker); inv_div: est = factor*mag/max(mask, eps); "
+                        "inv_sub: est = mag*(1-mask)/factor (both remove the speaker); all: one output each")
+    p.add_argument("--factor", type=positive_float, default=DEFAULT_FACTOR,
+                   help="factor of the inverse masks (> 0)")
+    p.add_argument("--inv_div_eps", type=positive_float, default=INV_DIV_EPS,
+                   help="inv_div divides by max(mask, eps): a guard against a mask of zero; bins whose mask "
+                        "is under it come out at the spectrogram's ceiling, as they would without it")
+    add_device_flag(p)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: autocast the network (not the STFT) to bfloat16")
+    add_bool_flag(p, "--plot", default=False,
+                  help="also write spectrogram pictures (mixture, mask, result) as result.png / NAME-result.png")
+    p.add_argument("--chunk_seconds", type=non_negative_float, default=CHUNK_SECONDS,
+                   help="process recordings longer than chunk + 2*overlap in chunks of this length "
+                        "(bounded memory; 0: never)")
+    p.add_argument("--overlap_seconds", type=non_negative_float, default=OVERLAP_SECONDS,
+                   help="context on each side of a chunk; chunk outputs are crossfaded")
+    p.add_argument("--batch_size", type=positive_int, default=BATCH_SIZE,
+                   help="most same-length mixtures per network call")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    setup_console_logging(logging.INFO if args.verbose else logging.WARNING)
+    hp = HParam(args.config)
+    modes = parse_modes(args.mask)
+    inputs = expand_inputs(args.mixed_file, args.out_dir)
+    output_plan(inputs, args.out_dir, modes)  # name clashes and a bad -o: before any work
+    references = pair_references(inputs, args.reference_file)
+    separator = load_separator(hp, args.checkpoint_path, args.embedder, pick_device(args.device),
+                               precision=args.precision, chunk_seconds=args.chunk_seconds,
+                               overlap_seconds=args.overlap_seconds, batch_size=args.batch_size,
+                               eps=args.inv_div_eps)
+    written = separate_files(separator, inputs, references, args.out_dir, modes, factor=args.factor,
+                             plot=args.plot, progress=len(inputs) > 1)
+    for path in written:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

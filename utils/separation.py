@@ -1,0 +1,465 @@
+"""Separation with a trained VoiceFilter: model loading, mask modes, batches, long inputs.
+
+What the original ``inference.py`` did for one mixture, as a library::
+
+    dvec = embedder(get_mel(reference))
+    mag, phase = wav2spec(mixed)                 # [T, F] each
+    mask = model(mag[None], dvec[None])[0]       # [T, F] in [0, 1]
+    est = mag * mask                             # or an inverse mode below
+    wav = spec2wav(est, phase)
+
+The three mask modes act in the normalized log-magnitude domain (SPEC §4):
+
+* ``org``      est = mag * mask                       (keep the reference speaker)
+* ``inv_div``  est = factor * mag / max(mask, eps)    (remove the reference speaker)
+* ``inv_sub``  est = mag * (1 - mask) / factor        (remove the reference speaker)
+
+``spec2wav`` clips est to [0, 1] before the inverse STFT, as the original did.
+The ``eps`` floor of ``inv_div`` (:data:`INV_DIV_EPS`) only guards against a
+division by a mask of (nearly) zero: any mask below it gives est = 1 (the
+clip's ceiling) already for every bin whose magnitude exceeds eps / factor,
+so the floor changes nothing the original could output in practice.
+
+Beyond the original: spectrograms and the inverse STFT run batched on the
+model's device (``Audio.wav2spec_torch``/``spec2wav_torch``, parity with the
+original's numpy path well above 40 dB SNR), same-length mixtures go through
+the network together, and long recordings are processed in chunks of frames
+with context on both sides and a crossfade, so memory stays bounded.
+"""
+import argparse
+import contextlib
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.embedder import load_embedder
+from model.model import VoiceFilter
+from utils.audio import Audio, load_wav, save_wav
+from utils.checkpoint import load_checkpoint, load_model_weights
+from utils.errors import UserError
+from utils.hparams import HParam
+
+logger = logging.getLogger(__name__)
+
+MASK_MODES = ("org", "inv_div", "inv_sub")
+ALL_MODES = "all"
+DEFAULT_FACTOR = 0.7
+# Floor of the mask in inv_div (factor * mag / max(mask, eps)). The parity
+# fixture's smallest mask value is 0.45, far above it.
+INV_DIV_EPS = 1e-3
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
+
+# Long inputs: chunks of CHUNK_SECONDS of frames, each with OVERLAP_SECONDS of
+# extra frames on both sides (the conv stack sees +-65 frames, the BLSTM the
+# whole chunk), stitched in the waveform domain with a linear crossfade.
+CHUNK_SECONDS = 30.0
+OVERLAP_SECONDS = 3.0
+BATCH_SIZE = 8
+
+# Config sections a checkpoint's hp_str must agree with; audio.preemphasis and
+# audio.power play no part at inference (power only shapes a training loss).
+CHECKED_SECTIONS = ("audio", "model", "embedder")
+IGNORED_KEYS = {"audio.preemphasis", "audio.power"}
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au",
+                  ".snd", ".w64", ".caf", ".rf64"}
+
+
+# ---- command-line value types (argparse ``type=``) -----------------------------------------------
+def _number(text, kind, ok, what):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not ok(value) or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+    return value
+
+
+def positive_float(text):
+    return _number(text, float, lambda v: v > 0, "a positive number")
+
+
+def non_negative_float(text):
+    return _number(text, float, lambda v: v >= 0, "zero or a positive number")
+
+
+def positive_int(text):
+    return _number(text, int, lambda v: v >= 1, "at least 1")
+
+
+def non_negative_int(text):
+    return _number(text, int, lambda v: v >= 0, "zero or more")
+
+
+# ---- mask modes --------------------------------------------------------------------------------
+def parse_modes(text):
+    """``'org'`` -> ['org']; ``'all'`` -> all three modes."""
+    if text == ALL_MODES:
+        return list(MASK_MODES)
+    if text not in MASK_MODES:
+        raise UserError(f"unknown mask mode {text!r} (use {', '.join(MASK_MODES)} or {ALL_MODES})")
+    return [text]
+
+
+def apply_mask(mag, mask, mode, factor=DEFAULT_FACTOR, eps=INV_DIV_EPS):
+    """Estimated normalized magnitude from the mixture's ``mag`` and the ``mask`` (same shape)."""
+    if mode == "org":
+        return mag * mask
+    if mode == "inv_div":
+        return factor * mag / torch.clamp(mask, min=eps)
+    if mode == "inv_sub":
+        return mag * (1.0 - mask) / factor
+    raise ValueError(f"unknown mask mode {mode!r}")
+
+
+# ---- loading -----------------------------------------------------------------------------------
+def _flatten(d, prefix=""):
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_mismatches(hp_str, hp):
+    """Keys of the audio/model/embedder sections where a checkpoint's ``hp_str`` and ``hp``
+    differ, as ``['model.lstm_dim: 400 in the checkpoint, 64 in -c', ...]``; [] when they agree
+    or the checkpoint holds no readable config."""
+    if not hp_str:
+        return []
+    try:
+        saved = HParam.from_string(hp_str)
+    except UserError as err:
+        logger.debug("cannot read the checkpoint's hp_str: %s", err)
+        return []
+    old = _flatten({s: saved[s].to_dict() for s in CHECKED_SECTIONS}, "")
+    new = _flatten({s: hp[s].to_dict() for s in CHECKED_SECTIONS}, "")
+    return [f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} in -c"
+            for k in sorted(set(old) | set(new)) if k not in IGNORED_KEYS and old.get(k) != new.get(k)]
+
+
+def load_model(hp, checkpoint_path, device):
+    """A VoiceFilter in eval mode on ``device`` with the checkpoint's weights.
+
+    A checkpoint that does not fit the config is a :class:`UserError` asking for
+    the training config; a config that fits but differs from the checkpoint's
+    own (hop length, embedder...) is logged as a warning.
+    """
+    state = load_checkpoint(checkpoint_path, map_location=device)
+    differences = config_mismatches(state.get("hp_str"), hp)
+    model = VoiceFilter(hp)
+    try:
+        load_model_weights(model, state["model"], checkpoint_path)
+    except UserError as err:
+        if differences:
+            raise UserError(f"{err}; its stored config differs from -c in {'; '.join(differences[:4])}") from None
+        raise
+    if differences:
+        logger.warning("checkpoint %s was trained with another config than -c (%s): pass the training "
+                       "config for faithful results", checkpoint_path, "; ".join(differences))
+    return model.to(device).eval()
+
+
+def min_samples(hp):
+    """The shortest mixture the STFT's reflect padding accepts."""
+    return hp.audio.n_fft // 2 + 1
+
+
+def load_mixture(path, hp):
+    wav = load_wav(path, hp.audio.sample_rate)
+    if wav.size < min_samples(hp):
+        raise UserError(f"audio file {path} is too short ({wav.size} samples at {hp.audio.sample_rate} Hz; "
+                        f"at least {min_samples(hp)} needed)")
+    return wav
+
+
+# ---- the separator -----------------------------------------------------------------------------
+@dataclass
+class Separation:
+    """One mixture's outputs: ``wavs[mode]`` [N] float32, and spectra [T, F] for pictures
+    (of the first chunk only for a chunked input; ``spectra_note`` says so)."""
+
+    wavs: dict
+    spectra: dict = field(default_factory=dict)
+    spectra_note: str = ""
+
+
+class Separator:
+    """A loaded model + embedder on one device: reference d-vectors and separated waveforms.
+
+    Parameters
+    ----------
+    chunk_seconds : inputs longer than chunk + 2 * overlap are processed in chunks of this
+        length (0: never chunk).
+    overlap_seconds : context frames on each side of a chunk; the chunks' outputs are
+        crossfaded over up to this length around each boundary.
+    batch_size : most mixtures per network call (same-length ones only).
+    """
+
+    def __init__(self, hp, model, embedder, device, precision="fp32", chunk_seconds=CHUNK_SECONDS,
+                 overlap_seconds=OVERLAP_SECONDS, batch_size=BATCH_SIZE, eps=INV_DIV_EPS):
+        if precision not in PRECISIONS:
+            raise UserError(f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
+        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserError("this GPU has no bfloat16 support: use --precision fp32")
+        self.hp, self.model, self.embedder, self.device = hp, model, embedder, device
+        self.audio = Audio(hp)
+        self.precision, self.eps, self.batch_size = precision, eps, max(1, int(batch_size))
+        frames_per_second = hp.audio.sample_rate / hp.audio.hop_length
+        self.context_frames = max(0, round(overlap_seconds * frames_per_second))
+        self.chunk_frames = max(0, round(chunk_seconds * frames_per_second))
+        if self.chunk_frames:
+            # the crossfade plus the inverse STFT's window must fit inside the context
+            least = 2 * math.ceil(hp.audio.win_length / hp.audio.hop_length) + 2
+            if self.context_frames < least:
+                raise UserError(f"--overlap_seconds must be at least {least / frames_per_second:.2f} s "
+                                f"when chunking")
+            if self.chunk_frames < self.context_frames:
+                raise UserError("--chunk_seconds must be at least --overlap_seconds (or 0 to never chunk)")
+        # frames of a whole (unchunked) network call: the memory bound of every call
+        self.max_frames = self.chunk_frames + 2 * self.context_frames if self.chunk_frames else 0
+
+    # -- d-vectors and masks -------------------------------------------------------------------
+    def reference_dvec(self, wav):
+        """Reference waveform (numpy [N]) -> d-vector [E] on the device."""
+        return self.embedder.embed(wav).float()
+
+    @torch.inference_mode()
+    def mask(self, mag, dvec):
+        """mag [B, T, F], dvec [B, E] on the device -> mask [B, T, F] float32."""
+        dtype = PRECISIONS[self.precision]
+        context = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        with context:  # the network only: the STFTs stay float32
+            mask = self.model(mag, dvec)
+        return mask.float()
+
+    @torch.inference_mode()
+    def separate_batch(self, mixed, dvec, modes, factor=DEFAULT_FACTOR, keep_spectra=False):
+        """Same-length mixtures [B, N] and d-vectors [B, E] (on the device) -> ``{mode: [B, N]}``
+        waveforms on the device, and (``keep_spectra``) ``{name: [B, T, F]}`` spectra."""
+        mag, phase = self.audio.wav2spec_torch(mixed)  # [B, T, F] each
+        mask = self.mask(mag, dvec)
+        wavs, spectra = {}, {}
+        for mode in modes:
+            est = apply_mask(mag, mask, mode, factor, self.eps)
+            wavs[mode] = self.audio.spec2wav_torch(est, phase, length=mixed.size(-1))
+            if keep_spectra:
+                spectra[f"result ({mode})"] = est.clamp(0.0, 1.0)
+        if keep_spectra:
+            spectra = {"mixture": mag, "mask": mask, **spectra}
+        return wavs, spectra
+
+    def is_long(self, n_samples):
+        frames = 1 + n_samples // self.hp.audio.hop_length
+        return bool(self.max_frames) and frames > self.max_frames
+
+    def batch_limit(self, n_samples):
+        """How many mixtures of this length go through the network together."""
+        if not self.max_frames:
+            return self.batch_size
+        frames = 1 + n_samples // self.hp.audio.hop_length
+        return max(1, min(self.batch_size, self.max_frames // frames))
+
+    def separate(self, wav, dvec, modes, factor=DEFAULT_FACTOR, keep_spectra=False):
+        """One mixture (numpy [N]) and its d-vector [E] -> :class:`Separation` (chunked when long)."""
+        ((_, result),) = self.separate_stream([(0, wav, dvec)], modes, factor, keep_spectra)
+        return result
+
+    def separate_stream(self, items, modes, factor=DEFAULT_FACTOR, keep_spectra=False):
+        """``(key, wav numpy [N], dvec [E])`` items -> ``(key, Separation)`` in input order.
+
+        Consecutive mixtures of the same length are batched; long ones are chunked.
+        """
+        pending = []
+        for key, wav, dvec in items:
+            if pending and (pending[0][1].size != wav.size or len(pending) >= self.batch_limit(wav.size)):
+                yield from self._run_batch(pending, modes, factor, keep_spectra)
+                pending = []
+            if self.is_long(wav.size):
+                yield key, self._separate_long(wav, dvec, modes, factor, keep_spectra)
+            else:
+                pending.append((key, wav, dvec))
+        if pending:
+            yield from self._run_batch(pending, modes, factor, keep_spectra)
+
+    def _run_batch(self, pending, modes, factor, keep_spectra):
+        mixed = torch.from_numpy(np.stack([w for _, w, _ in pending])).to(self.device)  # [B, N]
+        dvec = torch.stack([d.to(self.device) for _, _, d in pending]).float()  # [B, E]
+        wavs, spectra = self.separate_batch(mixed, dvec, modes, factor, keep_spectra)
+        wavs = {m: w.float().cpu().numpy() for m, w in wavs.items()}
+        spectra = {k: s.float().cpu().numpy() for k, s in spectra.items()}
+        for i, (key, _, _) in enumerate(pending):
+            yield key, Separation(wavs={m: w[i] for m, w in wavs.items()},
+                                  spectra={k: s[i] for k, s in spectra.items()})
+
+    @torch.inference_mode()
+    def _separate_long(self, wav, dvec, modes, factor, keep_spectra):
+        """Chunked separation of one long mixture, in bounded memory.
+
+        The frames of chunk k are [c0, c1); the network sees [a, b) = c0 - X .. c1 + X (X
+        context frames). Its STFT is taken on the waveform segment that makes those frames
+        equal to the whole-file STFT's (a few frames of margin beyond [a, b), dropped, so
+        the reflect padding only acts at the file's own ends), and its inverse STFT gives the
+        waveform from sample a * hop on. Chunk k contributes samples
+        [c0 * hop - W/2, c1 * hop + W/2) with linear ramps of W samples at inner
+        boundaries; the ramps of neighbours sum to one.
+        """
+        a_hp = self.hp.audio
+        hop, n = a_hp.hop_length, wav.size
+        total = 1 + n // hop
+        n_chunks = math.ceil(total / self.chunk_frames)
+        bounds = [round(k * total / n_chunks) for k in range(n_chunks + 1)]
+        context = self.context_frames
+        margin = math.ceil((a_hp.n_fft // 2) / hop)  # frames whose STFT window reaches the segment edge
+        shortest = min(b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+        fade = min(context * hop - 2 * a_hp.win_length, shortest * hop) // 2 * 2  # W, even
+        ramp = ((np.arange(fade) + 0.5) / fade).astype(np.float32)
+        wav_t = torch.from_numpy(wav)
+        dvec = dvec.to(self.device).float()[None]
+        outputs = {m: np.zeros(n, dtype=np.float32) for m in modes}
+        spectra, note = {}, ""
+        for k in range(n_chunks):
+            c0, c1 = bounds[k], bounds[k + 1]
+            a, b = max(0, c0 - context), min(total, c1 + context)
+            fa, fb = max(0, a - margin), min(total, b + margin)
+            s0, s1 = fa * hop, (n if fb == total else (fb - 1) * hop + 1)
+            mag, phase = self.audio.wav2spec_torch(wav_t[s0:s1].to(self.device)[None])
+            mag, phase = mag[:, a - fa:b - fa], phase[:, a - fa:b - fa]  # [1, b - a, F]
+            mask = self.mask(mag, dvec)
+            length = (n - a * hop) if b == total else (b - a - 1) * hop
+            lo = 0 if k == 0 else c0 * hop - fade // 2
+            hi = n if k == n_chunks - 1 else min(n, c1 * hop + fade // 2)
+            weight = np.ones(hi - lo, dtype=np.float32)
+            if k > 0:
+                weight[:fade] = ramp
+            if k < n_chunks - 1:
+                weight[-fade:] = 1.0 - ramp
+            for mode in modes:
+                est = apply_mask(mag, mask, mode, factor, self.eps)
+                piece = self.audio.spec2wav_torch(est, phase, length=length)[0].float().cpu().numpy()
+                outputs[mode][lo:hi] += weight * piece[lo - a * hop:hi - a * hop]
+                if keep_spectra and k == 0:
+                    spectra[f"result ({mode})"] = est[0, :c1 - a].clamp(0.0, 1.0).float().cpu().numpy()
+            if keep_spectra and k == 0:
+                spectra = {"mixture": mag[0, :c1].float().cpu().numpy(),
+                           "mask": mask[0, :c1].float().cpu().numpy(), **spectra}
+                note = f"first {c1 * hop / a_hp.sample_rate:.0f} s"
+        return Separation(wavs=outputs, spectra=spectra, spectra_note=note)
+
+
+def load_separator(hp, checkpoint_path, embedder_spec, device, **options):
+    """Model and embedder from files -> :class:`Separator` (``options`` go to its constructor)."""
+    model = load_model(hp, checkpoint_path, device)
+    embedder = load_embedder(embedder_spec, hp, device)
+    return Separator(hp, model, embedder, device, **options)
+
+
+# ---- files -------------------------------------------------------------------------------------
+def result_names(stem, modes, many):
+    """Output file names (without folder) per mode: result.wav, result_org.wav, x-result.wav, ..."""
+    base = f"{stem}-result" if many else "result"
+    if len(modes) == 1:
+        return {modes[0]: f"{base}.wav"}
+    return {m: f"{base}_{m}.wav" for m in modes}
+
+
+def expand_inputs(paths, out_dir=None):
+    """Files and folders (every audio file in them, sorted) -> a list of files.
+
+    Files of a folder that are this program's own results in ``out_dir`` are left out,
+    so a rerun into the input folder does not separate its outputs again.
+    """
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+            if out_dir is not None and path.resolve() == Path(out_dir).resolve():
+                found = [p for p in found if not (p.stem == "result" or p.stem.startswith("result_")
+                                                  or "-result" in p.stem)]
+            if not found:
+                raise UserError(f"no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in folder {path}")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"audio file not found: {path}")
+    return files
+
+
+def pair_references(inputs, references):
+    """One reference for all inputs, or one per input (paired in order)."""
+    references = [Path(r) for r in references]
+    if len(references) == 1:
+        return references * len(inputs)
+    if len(references) != len(inputs):
+        raise UserError(f"{len(references)} references for {len(inputs)} mixtures: give one -r for all, "
+                        f"or one per mixture")
+    return references
+
+
+def output_plan(inputs, out_dir, modes):
+    """``[(input, {mode: output path}, picture path)]``; two inputs with one name are an error."""
+    many = len(inputs) > 1
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output folder {out_dir} is a file")
+    seen = {}
+    plan = []
+    for path in inputs:
+        if many and path.stem in seen:
+            raise UserError(f"two mixtures would write the same output name: {seen[path.stem]} and {path} "
+                            f"(rename one, or run them separately)")
+        seen[path.stem] = path
+        names = result_names(path.stem, modes, many)
+        picture = out_dir / (f"{path.stem}-result.png" if many else "result.png")
+        plan.append((path, {m: out_dir / name for m, name in names.items()}, picture))
+    return plan
+
+
+def separate_files(separator, inputs, references, out_dir, modes, factor=DEFAULT_FACTOR, plot=False,
+                   progress=True):
+    """Separate files and write the results; returns the written paths.
+
+    ``references`` pairs with ``inputs`` (see :func:`pair_references`); each distinct
+    reference's d-vector is computed once. Mixtures are loaded one at a time.
+    """
+    from tqdm import tqdm
+
+    hp = separator.hp
+    rate = hp.audio.sample_rate
+    plan = output_plan(inputs, out_dir, modes)
+    references = pair_references(inputs, references)
+    ref_keys = [str(r.resolve()) for r in references]
+    dvecs = {}
+    for ref, key in zip(references, ref_keys, strict=True):
+        if key not in dvecs:
+            dvecs[key] = separator.reference_dvec(load_wav(ref, rate))
+
+    def items():
+        for i, (path, _, _) in enumerate(plan):
+            yield i, load_mixture(path, hp), dvecs[ref_keys[i]]
+
+    written = []
+    # disable=None: a bar on a terminal only
+    with tqdm(total=len(plan), desc="separating", unit="file", disable=None if progress else True) as bar:
+        for i, result in separator.separate_stream(items(), modes, factor, keep_spectra=plot):
+            _, outputs, picture = plan[i]
+            for mode, path in outputs.items():
+                save_wav(path, result.wavs[mode], rate)
+                written.append(path)
+            if plot:
+                from utils.plotting import save_spectrograms
+
+                note = f" ({result.spectra_note})" if result.spectra_note else ""
+                save_spectrograms(picture, {f"{k}{note}": v for k, v in result.spectra.items()},
+                                  hop_seconds=hp.audio.hop_length / rate)
+                written.append(picture)
+            bar.update(1)
+    return written
