@@ -1,0 +1,83 @@
+"""Score a trained VoiceFilter on a generator test folder: SDR, SI-SDR and speaker similarity.
+
+    python evaluate.py -c CONFIG -e EMBEDDER --checkpoint_path CKPT -d TEST_DIR -o OUT_DIR \
+        [--mask org|inv_div|inv_sub|all] [--factor 0.7] [--limit N] [--jobs N]
+
+Writes OUT_DIR/report.json (per-mode medians and means), OUT_DIR/per_sample.csv (one row
+per sample and mode), OUT_DIR/sdr_histogram.png, and prints a table. org is scored against
+-target.wav, the inverse modes against -mixed.wav minus -target.wav.
+"""
+import argparse
+import logging
+import os
+
+from utils.cli import UserErrorParser, add_bool_flag, add_device_flag, pick_device, setup_console_logging
+from utils.errors import UserError, run_cli
+from utils.evaluation import format_table, run_evaluation
+from utils.hparams import HParam
+from utils.separation import (
+    BATCH_SIZE,
+    DEFAULT_FACTOR,
+    INV_DIV_EPS,
+    load_separator,
+    non_negative_int,
+    parse_modes,
+    positive_float,
+    positive_int,
+)
+
+
+def build_parser():
+    p = UserErrorParser(description=__doc__.split("\n\n")[0],
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-c", "--config", required=True, help="the YAML config the model was trained with")
+    p.add_argument("-e", "--embedder_path", "--embedder", dest="embedder", default="resemblyzer",
+                   help="an original-format embedder.pt, or 'resemblyzer'")
+    p.add_argument("--checkpoint_path", required=True, help="a trainer checkpoint (chkpt_STEP.pt or best.pt)")
+    p.add_argument("-d", "--test_dir", default=None,
+                   help="a test folder written by generator.py (default: the config's data.test_dir)")
+    p.add_argument("-o", "--out_dir", required=True, help="where report.json, per_sample.csv and the "
+                                                          "histograms go")
+    p.add_argument("--mask", default="all", choices=["org", "inv_div", "inv_sub", "all"],
+                   help="mask mode(s) to score")
+    p.add_argument("--factor", type=positive_float, default=DEFAULT_FACTOR, help="factor of the inverse masks (> 0)")
+    p.add_argument("--inv_div_eps", type=positive_float, default=INV_DIV_EPS,
+                   help="inv_div divides by max(mask, eps)")
+    add_device_flag(p)
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: autocast the network to bfloat16")
+    p.add_argument("--limit", type=non_negative_int, default=0, help="score the first N samples only (0: all)")
+    p.add_argument("--batch_size", type=positive_int, default=BATCH_SIZE, help="samples per network call")
+    p.add_argument("--jobs", type=positive_int, default=1,
+                   help="processes computing SDR (mir_eval is the slow part: up to the CPU cores)")
+    add_bool_flag(p, "--reversed", default=None,
+                  help="the model was trained on reversed data (default: the folder's manifest.jsonl)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    setup_console_logging(logging.INFO if args.verbose else logging.WARNING)
+    hp = HParam(args.config)
+    test_dir = args.test_dir or hp.data.test_dir
+    if not test_dir:
+        raise UserError("no test folder: pass -d TEST_DIR or set data.test_dir in the config")
+    if args.jobs > (os.cpu_count() or 1):
+        logging.getLogger(__name__).warning("--jobs %d is more than the %d CPU cores", args.jobs, os.cpu_count())
+    modes = parse_modes(args.mask)
+    device = pick_device(args.device)
+    separator = load_separator(hp, args.checkpoint_path, args.embedder, device, precision=args.precision,
+                               batch_size=args.batch_size, eps=args.inv_div_eps)
+    meta = {"config": str(args.config), "checkpoint": str(args.checkpoint_path), "embedder": str(args.embedder),
+            "embedder_name": separator.embedder.name, "device": str(device), "precision": args.precision}
+    report = run_evaluation(separator, test_dir, args.out_dir, modes, args.factor, limit=args.limit,
+                            reversed_flag=args.reversed, jobs=args.jobs, progress=True, meta=meta)
+    print(format_table(report["modes"]))
+    print(f"{report['counts']['samples']} samples of {test_dir} in {report['seconds']} s; "
+          f"report: {os.path.join(args.out_dir, 'report.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,221 @@
+"""evaluate.py and utils/evaluation.py: figures against an independent computation, reports, errors."""
+import csv
+import json
+import warnings
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from mir_eval.separation import bss_eval_sources
+from test_inference import RATE, make_tiny_setup, one_torch_thread, run_main, start_script, voice  # noqa: F401
+
+from model.embedder import SpeechEmbedder
+from model.model import VoiceFilter
+from utils.audio import Audio
+from utils.errors import UserError
+from utils.separation import MASK_MODES
+
+SECONDS = 2.0  # tiny.yaml's audio_len
+
+
+def make_test_folder(root, count=3, reversed_data=False, manifest=True):
+    """A test split in the generator's layout: -mixed.wav, -target.wav, -dvec.txt, manifest.jsonl."""
+    split = root / "test"
+    split.mkdir(parents=True)
+    (root / "refs").mkdir()
+    records = []
+    for i in range(count):
+        speaker1 = voice(SECONDS, 170 + 25 * i, i)
+        speaker2 = voice(SECONDS, 320 - 20 * i, i + 20)
+        scale = 1.0 / (1.1 * np.max(np.abs(speaker1 + speaker2)))
+        speaker1, speaker2 = speaker1 * scale, speaker2 * scale
+        reference = root / "refs" / f"ref{i}.wav"
+        sf.write(reference, voice(SECONDS, 170 + 25 * i, i + 40), RATE, subtype="FLOAT")
+        sample = f"{i:06d}"
+        sf.write(split / f"{sample}-target.wav", speaker2 if reversed_data else speaker1, RATE, subtype="FLOAT")
+        sf.write(split / f"{sample}-mixed.wav", speaker1 + speaker2, RATE, subtype="FLOAT")
+        (split / f"{sample}-dvec.txt").write_text(f"{reference}\n")
+        records.append({"id": sample, "reference": str(reference), "target": "t", "interference": "i",
+                        "target_speaker": "a", "interference_speaker": "b", "reversed": reversed_data})
+    if manifest:
+        (split / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return split
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    hp, config, checkpoint, embedder = make_tiny_setup(root / "model")
+    split = make_test_folder(root)
+    return {"root": root, "hp": hp, "config": config, "checkpoint": checkpoint, "embedder": embedder,
+            "split": split}
+
+
+def eval_args(setup, out, *extra):
+    return ["-c", setup["config"], "-e", setup["embedder"], "--checkpoint_path", setup["checkpoint"],
+            "-d", setup["split"], "-o", out, *extra]
+
+
+# ---- an independent computation: numpy STFT (the original's), the networks, mir_eval directly --------
+def independent_scores(setup, samples, factor=0.7, eps=1e-3):
+    """{(sample, mode): {metric: value}} computed without utils.separation/evaluation/metrics."""
+    hp = setup["hp"]
+    audio = Audio(hp)
+    model = VoiceFilter(hp).eval()
+    model.load_state_dict(torch.load(setup["checkpoint"], weights_only=True)["model"])
+    embedder = SpeechEmbedder(hp).eval()
+    embedder.load_state_dict(torch.load(setup["embedder"], weights_only=True))
+
+    def dvec_of(wav):
+        with torch.no_grad():
+            return embedder(torch.from_numpy(audio.get_mel(wav)))
+
+    def sdr(ref, est):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return bss_eval_sources(ref[None].astype(np.float64), est[None].astype(np.float64),
+                                    compute_permutation=False)[0][0]
+
+    def si_sdr(ref, est):
+        ref, est = ref.astype(np.float64) - ref.mean(), est.astype(np.float64) - est.mean()
+        projection = np.dot(est, ref) / np.dot(ref, ref) * ref
+        return 10 * np.log10(np.sum(projection ** 2) / np.sum((est - projection) ** 2))
+
+    def cosine(a, b):
+        return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+    split = setup["split"]
+    scores = {}
+    for sample in samples:
+        mixed, _ = sf.read(split / f"{sample}-mixed.wav", dtype="float32")
+        target, _ = sf.read(split / f"{sample}-target.wav", dtype="float32")
+        reference, _ = sf.read((split / f"{sample}-dvec.txt").read_text().strip(), dtype="float32")
+        ref_dvec = dvec_of(reference)
+        mag, phase = audio.wav2spec(mixed)
+        with torch.no_grad():
+            mask = model(torch.from_numpy(mag)[None], ref_dvec[None])[0].numpy()
+        mixed_similarity = cosine(dvec_of(mixed), ref_dvec)
+        cleans = {"org": target, "inv": mixed - target}
+        before = {k: (sdr(c, mixed), si_sdr(c, mixed)) for k, c in cleans.items()}
+        for mode, est in {"org": mag * mask, "inv_div": factor * mag / np.maximum(mask, eps),
+                          "inv_sub": mag * (1 - mask) / factor}.items():
+            output = audio.spec2wav(est, phase)
+            assert output.shape == mixed.shape
+            kind = "org" if mode == "org" else "inv"
+            scores[sample, mode] = {
+                "sdr_before": before[kind][0], "sdr_after": sdr(cleans[kind], output),
+                "si_sdr_before": before[kind][1], "si_sdr_after": si_sdr(cleans[kind], output),
+                "similarity_before": mixed_similarity,
+                "similarity_after": cosine(dvec_of(output), ref_dvec)}
+    return scores
+
+
+@pytest.fixture(scope="module")
+def evaluated(setup):
+    """One real evaluate.py run (mir_eval in a pool of 2), while this process computes the references."""
+    out = setup["root"] / "out"
+    proc = start_script("evaluate.py", *eval_args(setup, out, "--mask", "all", "--jobs", "2", "--batch_size", "2"))
+    expected = independent_scores(setup, ["000000", "000002"])
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    with open(out / "per_sample.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {"out": out, "stdout": stdout, "rows": rows, "expected": expected,
+            "report": json.loads((out / "report.json").read_text())}
+
+
+def test_outputs_and_layout(evaluated):
+    out, rows, report = evaluated["out"], evaluated["rows"], evaluated["report"]
+    assert len(rows) == 3 * len(MASK_MODES)
+    assert [(r["sample_id"], r["mode"]) for r in rows[:3]] == [("000000", m) for m in MASK_MODES]
+    for name in ["sdr_histogram.png"] + [f"sdr_histogram_{m}.png" for m in MASK_MODES]:
+        assert (out / name).stat().st_size > 1000
+    assert report["counts"] == {"samples_found": 3, "samples": 3, "modes": 3, "rows": 9}
+    assert report["reversed_data"] is False and report["reversed_source"] == "manifest"
+    assert report["modes"]["org"]["reference"] == "target"
+    assert report["modes"]["inv_sub"]["reference"] == "mixed_minus_target"
+    assert "reference speaker" in report["modes"]["org"]["reference_is"]
+    assert "minus" in report["modes"]["inv_div"]["reference_is"]
+    assert report["checkpoint"].endswith("chkpt_0.pt") and report["factor"] == 0.7
+    assert "median" in evaluated["stdout"] and "inv_div" in evaluated["stdout"]
+
+
+def test_figures_match_an_independent_computation(evaluated):
+    rows = {(r["sample_id"], r["mode"]): r for r in evaluated["rows"]}
+    for (sample, mode), expected in evaluated["expected"].items():
+        row = rows[(sample, mode)]
+        assert row["reference"] == ("target" if mode == "org" else "mixed_minus_target")
+        for key, value in expected.items():
+            tolerance = 1e-4 if key.endswith("before") and "similarity" not in key else 1e-3
+            assert abs(float(row[key]) - value) < tolerance, (sample, mode, key, row[key], value)
+        assert abs(float(row["sdr_gain"]) - (expected["sdr_after"] - expected["sdr_before"])) < 1e-3
+
+
+def test_report_summarizes_the_rows(evaluated):
+    report, rows = evaluated["report"], evaluated["rows"]
+    for mode in MASK_MODES:
+        mine = [r for r in rows if r["mode"] == mode]
+        assert report["modes"][mode]["count"] == 3
+        for metric in ("sdr_before", "sdr_after", "sdr_gain", "si_sdr_after", "similarity_before",
+                       "similarity_after"):
+            values = np.array([float(r[metric]) for r in mine])
+            assert abs(report["modes"][mode][metric]["median"] - np.median(values)) < 1e-5
+            assert abs(report["modes"][mode][metric]["mean"] - np.mean(values)) < 1e-5
+
+
+def test_reversed_data_and_limit(setup, tmp_path):
+    """In this process (jobs 1): the manifest's "reversed" is read, --limit is honoured, and the
+    scores follow the -target.wav file, whatever speaker it holds."""
+    from utils.evaluation import run_evaluation
+    from utils.separation import load_separator
+
+    split = make_test_folder(tmp_path / "rev", count=2, reversed_data=True)
+    separator = load_separator(setup["hp"], setup["checkpoint"], setup["embedder"], torch.device("cpu"))
+    report = run_evaluation(separator, split, tmp_path / "out", ["org", "inv_sub"], 0.7, limit=1, progress=False)
+    assert report["reversed_data"] is True and report["counts"]["samples"] == 1
+    assert "interfering speaker (reversed data)" in report["modes"]["org"]["reference_is"]
+    assert "reference speaker (reversed data)" in report["modes"]["inv_sub"]["reference_is"]
+    assert (tmp_path / "out" / "sdr_histogram_org.png").exists()
+    rows = list(csv.DictReader(open(tmp_path / "out" / "per_sample.csv")))
+    assert [r["mode"] for r in rows] == ["org", "inv_sub"]
+    mixed, _ = sf.read(split / "000000-mixed.wav", dtype="float32")
+    target, _ = sf.read(split / "000000-target.wav", dtype="float32")
+    from utils.metrics import sdr
+
+    assert abs(float(rows[0]["sdr_before"]) - sdr(target, mixed)) < 1e-4
+    assert abs(float(rows[1]["sdr_before"]) - sdr(mixed - target, mixed)) < 1e-4
+
+
+def test_reversed_flag_and_mixed_manifest(tmp_path):
+    from datasets.samples import list_samples
+    from utils.evaluation import resolve_reversed
+    from utils.hparams import HParam
+
+    hp = HParam()
+    split = make_test_folder(tmp_path / "a", count=2, manifest=False)
+    samples = list_samples(split, hp, need_mags=False)
+    assert resolve_reversed(samples, split) == (False, "default (no manifest)")
+    assert resolve_reversed(samples, split, True) == (True, "flag")
+    (split / "manifest.jsonl").write_text('{"id": "000000", "reversed": true}\n{"id": "000001", "reversed": false}\n')
+    with pytest.raises(UserError, match="mixes reversed"):
+        resolve_reversed(samples, split)
+
+
+@pytest.mark.parametrize("case", ["missing folder", "empty folder", "bogus mask", "negative limit", "zero jobs"])
+def test_bad_input_is_one_error_line(setup, tmp_path, case, capsys):
+    import evaluate
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    argv = {
+        "missing folder": eval_args(setup, tmp_path / "o") + ["-d", tmp_path / "nope"],
+        "empty folder": eval_args(setup, tmp_path / "o") + ["-d", empty],
+        "bogus mask": eval_args(setup, tmp_path / "o", "--mask", "bogus"),
+        "negative limit": eval_args(setup, tmp_path / "o", "--limit", "-1"),
+        "zero jobs": eval_args(setup, tmp_path / "o", "--jobs", "0"),
+    }[case]
+    code, _, err = run_main(evaluate.main, argv, capsys)
+    assert code not in (0, None)
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1, err
+    assert not (tmp_path / "o" / "report.json").exists()
