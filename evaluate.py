@@ -35,7 +35,7 @@ def build_parser():
                    help="an original-format embedder.pt, or 'resemblyzer'")
     p.add_argument("--checkpoint_path", required=True, help="a trainer checkpoint (chkpt_STEP.pt or best.pt)")
     p.add_argument("-d", "--test_dir", default=None,
-                   help="a test folder written by generator.py (default: the config's data.test_dir)")
+                   help="a test folder written by generator.py (None: the config's data.test_dir)")
     p.add_argument("-o", "--out_dir", required=True, help="where report.json, per_sample.csv and the "
                                                           "histograms go")
     p.add_argument("--mask", default="all", choices=["org", "inv_div", "inv_sub", "all"],

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import librosa
 import numpy as np
-import scipy.io.wavfile
 import soundfile as sf
 import torch
 
@@ -64,6 +63,8 @@ def save_wav(path, wav, sample_rate=16000, subtype="FLOAT"):
     wav = np.asarray(wav, dtype=np.float32)
     with atomic_path(path) as tmp:
         if subtype == "FLOAT":
+            import scipy.io.wavfile  # here: importing it pulls in scipy.sparse, a noticeable start-up cost
+
             scipy.io.wavfile.write(tmp, sample_rate, wav)
         else:
             sf.write(tmp, wav, sample_rate, subtype=subtype, format="WAV")

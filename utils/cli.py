@@ -3,8 +3,6 @@ import argparse
 import logging
 import sys
 
-import torch
-
 from utils.errors import UserError
 
 _TRUE = {"true", "t", "yes", "y", "1", "on"}
@@ -33,6 +31,8 @@ def add_device_flag(parser):
 
 def pick_device(name="auto"):
     """Choose the one device of a run; a device asked for but absent is a user error."""
+    import torch  # here, not at the top: --help and flag errors answer without loading torch
+
     name = (name or "auto").lower()
     if name == "auto":
         if torch.cuda.is_available():
