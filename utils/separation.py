@@ -40,6 +40,7 @@ from model.embedder import load_embedder
 from model.model import VoiceFilter
 from utils.audio import Audio, load_wav, save_wav
 from utils.checkpoint import load_checkpoint, load_model_weights
+from utils.cli import cpu_has_native_bf16
 from utils.errors import UserError
 from utils.hparams import HParam
 
@@ -209,6 +210,9 @@ class Separator:
             raise UserError(f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
         if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UserError("this GPU has no bfloat16 support: use --precision fp32")
+        if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+            logger.warning("this CPU has no native bfloat16 (AVX512-BF16 or AMX): bf16 runs emulated, far slower "
+                           "than fp32 (use --precision fp32 here)")
         self.hp, self.model, self.embedder, self.device = hp, model, embedder, device
         self.audio = Audio(hp)
         self.precision, self.eps, self.batch_size = precision, eps, max(1, int(batch_size))

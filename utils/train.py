@@ -36,7 +36,7 @@ from model.embedder import load_embedder
 from model.model import VoiceFilter, count_parameters
 from utils.audio import Audio
 from utils.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
-from utils.cli import pick_device
+from utils.cli import cpu_has_native_bf16, pick_device
 from utils.errors import UserError
 from utils.hparams import HParam
 from utils.metrics import sdr
@@ -113,14 +113,9 @@ def check_precision(precision, device):
         raise UserError("train.precision fp16 needs a CUDA (or MPS) device; on CPU use bf16 (or fp32)")
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("this GPU has no bfloat16 support: use train.precision fp16 or fp32")
-    if precision == "bf16" and device.type == "cpu" and not _cpu_has_bf16():
-        logger.warning("this CPU has no native bfloat16 (AVX512-BF16 or AMX): bf16 runs emulated, several times "
-                       "slower than fp32 (use train.precision fp32 here)")
-
-
-def _cpu_has_bf16():
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(check()) if check is not None else True
+    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        logger.warning("this CPU has no native bfloat16 (AVX512-BF16 or AMX): bf16 runs emulated, far slower than "
+                       "fp32 (use train.precision fp32 here)")
 
 
 def autocast(device, precision):
