@@ -1,0 +1,158 @@
+"""Training throughput: seconds per optimizer step of ``utils.train.train_step`` (Adam, the
+config's loss), on synthetic tensors of the training shapes, per precision and memory format.
+
+Variants (each in a fresh process):
+
+* ``fp32``            the baseline: d-vectors looked up from a precomputed table (what the
+                      trainer does with its d-vector cache);
+* ``fp32-cl``         fp32 with ``train.channels_last`` (channels_last conv stack);
+* ``bf16``            ``train.precision bf16`` (autocast);
+* ``bf16-cl``         bf16 and channels_last;
+* ``fp32-dvec-step``  the original's way: every step, the log-mel (``Audio.get_mel``, numpy) of
+                      8 reference recordings of 5 s and a forward pass of the original embedder
+                      (``SpeechEmbedder``: 3-layer LSTM of 768, random weights: the cost does not
+                      depend on them) per reference, one at a time as the original did (under
+                      ``no_grad``: the original also built an unused autograd graph, so this is
+                      a lower bound of its cost);
+* ``fp16``            CUDA only (gradient scaler).
+
+The inputs are random: the speed of dense convolutions, an LSTM and Adam does not depend on
+the values. Default size (config/default.yaml): 601 frequency bins, 3 s -> 301 frames, 64 conv
+channels, batch 8.
+
+Duration on the 2-core AMD EPYC of the development machine (no AVX512-BF16/AMX, so bf16 runs
+emulated): an fp32 step takes about 40 s, so with the default 1 warm-up + 3 timed steps an fp32
+variant needs 3-4 minutes. bf16 at the default size is far slower there: one bf16 forward pass
+of a single 3 s clip took about 800 s, against 4 s in fp32 (1 thread, busy machine), so the
+bf16 variants reach the default 600 s per-variant timeout before a step finishes and show as
+"timeout after 600 s" (a variant stopped after some timed steps shows its figures so far). In
+all about 30 minutes, 20 of them in the two bf16 timeouts (``--variants fp32 fp32-cl
+fp32-dvec-step`` skips them).
+``--quick`` (config/tiny.yaml, 2 steps) takes 2-3 minutes.
+
+    .venv/bin/python bench/bench_train.py                       # default size, ~30 min on that CPU
+    .venv/bin/python bench/bench_train.py --quick               # a check that it works
+    .venv/bin/python bench/bench_train.py --device cuda --steps 20 --warmup 5
+"""
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402  (after the path tweak: run as ``python bench/bench_train.py``)
+
+VARIANTS = {  # name: (precision, channels_last, recompute d-vectors)
+    "fp32": ("fp32", False, False),
+    "fp32-cl": ("fp32", True, False),
+    "bf16": ("bf16", False, False),
+    "bf16-cl": ("bf16", True, False),
+    "fp32-dvec-step": ("fp32", False, True),
+    "fp16": ("fp16", False, False),
+}
+CUDA_ONLY = {"fp16"}
+REFERENCE_SECONDS = 5.0
+DVEC_TABLE = 1000  # precomputed d-vectors the cached variants look up from
+
+
+def parse_args():
+    p = common.base_parser(__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=None, help="config (default config/default.yaml; --quick: config/tiny.yaml)")
+    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 3; --quick: 2)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    args = common.parse(p)
+    args.config = args.config or str(common.ROOT / "config" / ("tiny.yaml" if args.quick else "default.yaml"))
+    args.steps = args.steps or (2 if args.quick else 3)
+    return args
+
+
+def run_variant(args, name):
+    import numpy as np
+    import torch
+
+    from model.embedder import SpeechEmbedder
+    from model.model import VoiceFilter
+    from utils.audio import Audio
+    from utils.hparams import HParam
+    from utils.train import make_loss, make_optimizer, train_step
+
+    precision, channels_last, recompute = VARIANTS[name]
+    device = common.pick(args.device)
+    hp = HParam(args.config)
+    hp.train.precision, hp.train.channels_last = precision, channels_last
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    batch, a = args.batch_size, hp.audio
+    frames = 1 + int(hp.data.audio_len * a.sample_rate) // a.hop_length
+
+    model = VoiceFilter(hp).to(device).train()
+    optimizer = make_optimizer(hp, model.parameters())
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    loss_fn = make_loss(hp)
+    mixed = torch.rand(batch, frames, a.num_freq)
+    target = mixed * torch.rand(batch, frames, a.num_freq)
+    dvec_table = torch.nn.functional.normalize(torch.randn(DVEC_TABLE, hp.embedder.emb_dim), dim=1)
+
+    if recompute:
+        audio = Audio(hp)
+        embedder = SpeechEmbedder(hp).to(device).eval()
+        refs = [rng.uniform(-0.5, 0.5, int(REFERENCE_SECONDS * a.sample_rate)).astype(np.float32)
+                for _ in range(batch)]
+
+    dvec_seconds = []
+
+    def step():
+        if recompute:  # the original: mel and embedder forward per reference, every step
+            start = time.perf_counter()
+            with torch.no_grad():
+                dvec = torch.stack([embedder(torch.from_numpy(audio.get_mel(w)).to(device)) for w in refs])
+            common.synchronize(device)
+            dvec_seconds.append(time.perf_counter() - start)
+        else:  # the cache: a lookup of precomputed d-vectors
+            dvec = dvec_table[torch.from_numpy(rng.integers(0, DVEC_TABLE, batch))]
+        loss = train_step(model, (dvec, target, mixed), optimizer, scaler, loss_fn, device, precision)
+        loss.item()  # the trainer reads the loss every step: a synchronization point
+
+    def result(times):
+        seconds = common.median(times)
+        out = {"precision": precision, "channels_last": channels_last, "dvec_recomputed": recompute,
+               "batch_size": batch, "frames": frames, "freq": a.num_freq, "steps": times, "s_per_step": seconds,
+               "samples_per_s": batch / seconds, **common.process_stats(device)}
+        if recompute:
+            out["dvec_s_per_step"] = common.median(dvec_seconds[args.warmup:])
+        return out
+
+    times = common.time_call(step, device, warmup=args.warmup, repeats=args.steps,
+                             on_repeat=lambda t: common.emit_partial(result(t)))
+    return result(times)
+
+
+def main():
+    args = parse_args()
+    if args.variant:
+        common.emit(run_variant(args, args.variant))
+        return
+    device = common.pick(args.device)
+    names = common.select(args.variants, [n for n in VARIANTS if device.type == "cuda" or n not in CUDA_ONLY])
+    info = common.describe_machine(device)
+    print(f"training benchmark: {args.config}, batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed "
+          f"steps per variant, timeout {args.timeout:g} s", file=sys.stderr)
+    results = common.run_variants(__file__, names, common.child_argv(), args.timeout)
+    columns = [("s/step", "s_per_step"), ("samples/s", "samples_per_s"), ("d-vector s/step", "dvec_s_per_step"),
+               ("peak RSS MB", "peak_rss_mb"), ("load (1 min)", "load_1min")]
+    if device.type == "cuda":
+        columns.append(("CUDA peak MB", "cuda_peak_mb"))
+    ratios = [("speed vs fp32", "s_per_step", False), ("memory vs fp32", "peak_rss_mb", False)]
+    any_ok = next((r for r in results.values() if "error" not in r), {})
+    shape = f"[{args.batch_size}, {any_ok.get('frames', '?')}, {any_ok.get('freq', '?')}]"
+    notes = [f"Config {Path(args.config).name}, batch {shape}, median of {args.steps} steps after {args.warmup} "
+             f"warm-up. Ratios: > 1 is better than fp32 (faster, less memory). fp32-dvec-step recomputes the "
+             f"d-vectors each step with the original SpeechEmbedder (random weights), as the original trainer did; "
+             f"the others look up cached d-vectors."]
+    table = common.markdown_table(results, columns, ratios, baseline="fp32")
+    common.report("Training throughput", info, table, notes, args.json, {"args": vars(args), "results": results})
+
+
+if __name__ == "__main__":
+    main()

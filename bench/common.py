@@ -1,0 +1,391 @@
+"""Shared pieces of the benchmarks: machine description, one subprocess per variant, timing, tables.
+
+Every benchmark script runs its variants side by side in one invocation, each in a fresh
+subprocess: the script re-invokes itself with ``--variant NAME``, the child prints one line
+``BENCH_RESULT {json}`` and exits. A fresh process per variant makes the peak memory a
+per-variant figure, keeps one variant's caches (oneDNN primitives, allocator pools) out of
+the next one's timings, and lets a slow variant be stopped by ``--timeout`` without losing
+the others. Absolute times on a shared machine vary from run to run; the ratios against the
+baseline (fp32, or -p 1), measured minutes apart on the same machine, are what to report.
+"""
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # the scripts run as ``python bench/x.py``: make ``utils``, ``model`` importable
+    sys.path.insert(0, str(ROOT))
+
+RESULT_TAG = "BENCH_RESULT "
+PARTIAL_TAG = "BENCH_PARTIAL "
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "librispeech-mini"
+
+
+# ---- command line --------------------------------------------------------------------------------
+def base_parser(description):
+    """The flags every benchmark shares; the internal ``--variant`` marks a child process."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to compute")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results to this JSON file")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds per variant before it is stopped")
+    p.add_argument("--quick", action="store_true", help="tiny config and sizes: a check that it works")
+    p.add_argument("--variants", nargs="+", default=None, metavar="NAME", help="run only these variants")
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads per variant (OMP_NUM_THREADS; default: torch's, all cores). On a machine "
+                        "where other jobs run, fewer threads than cores avoids OpenMP spin-wait slowdowns")
+    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # internal: run one variant (child)
+    return p
+
+
+def parse(parser):
+    """Parse the flags and apply ``--threads`` before torch is imported (children inherit it)."""
+    args = parser.parse_args()
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
+    return args
+
+
+def pick(device_name):
+    """``utils.cli.pick_device``, with a missing device as a one-line error."""
+    from utils.cli import pick_device
+    from utils.errors import UserError
+    try:
+        return pick_device(device_name)
+    except UserError as err:
+        sys.exit(f"error: {err}")
+
+
+# ---- machine -----------------------------------------------------------------------------------
+def cpu_model():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags():
+    """The bf16-related instruction sets the CPU advertises (x86 Linux only)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    flags = set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split()) if "flags" in text else set()
+    return sorted(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
+
+
+def describe_machine(device):
+    """A dict of what the figures depend on (printed above each table, stored in the JSON)."""
+    import torch
+
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    info = {
+        "cpu": cpu_model(),
+        "cpu_flags": cpu_flags(),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_native_bf16": bool(check()) if check is not None else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def machine_line(info):
+    parts = [f"CPU {info['cpu']} ({info['cores']} cores, torch threads {info['torch_threads']})",
+             f"native CPU bf16: {info['cpu_native_bf16']}", f"torch {info['torch']}", f"device {info['device']}"]
+    if info.get("gpu"):
+        parts.append(f"GPU {info['gpu']}")
+    if info.get("load_average"):
+        parts.append("load average " + " ".join(str(x) for x in info["load_average"]))
+    return "; ".join(parts)
+
+
+# ---- memory ------------------------------------------------------------------------------------
+def peak_rss_mb():
+    """This process's peak resident memory (VmHWM), in MB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def _tree_pids(root_pid):
+    """``root_pid`` and all its descendants (from /proc/*/stat)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            parents.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    found, todo = [], [root_pid]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(parents.get(pid, []))
+    return found
+
+
+def _proc_kb(pid, name, field):
+    """A "Field:  N kB" line of /proc/PID/<name> (0 when the process is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
+            if line.startswith(field):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class TreeMemory:
+    """Samples a process and its descendants (generator workers) every ``interval`` s.
+
+    ``peak_mb``: the highest sum of their PSS (proportional set size: pages shared by forked
+    workers, such as torch's, counted once); ``largest_mb``: the largest peak RSS (VmHWM) of
+    any one of them. Sampling can miss a short spike, or a worker that lives under ``interval``.
+    """
+
+    def __init__(self, pid, interval=0.2):
+        self.pid, self.interval, self.peak_mb, self.largest_mb = pid, interval, 0.0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            pids = _tree_pids(self.pid)
+            self.peak_mb = max(self.peak_mb, sum(_proc_kb(p, "smaps_rollup", "Pss:") for p in pids) / 1024)
+            self.largest_mb = max([self.largest_mb] + [_proc_kb(p, "status", "VmHWM:") / 1024 for p in pids])
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        if Path("/proc/self/smaps_rollup").exists():
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+@dataclass
+class ToolRun:
+    seconds: float          # wall time of the whole command
+    out: str
+    err: str
+    peak_rss_mb: float      # the command's own peak RSS (from wait4; its waited-for children's included)
+    tree_pss_mb: float      # peak summed PSS of the command and all its descendants (sampled)
+    largest_rss_mb: float   # largest peak RSS of any one process of the tree
+
+
+def run_tool(cmd, cwd=ROOT):
+    """Run a command as a user would (stdout/stderr to files, so that ``os.wait4`` can give its
+    exact peak RSS); raises RuntimeError with the end of its stderr when it fails."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=cwd, stdout=out, stderr=err, text=True)
+        with TreeMemory(proc.pid) as mem:
+            _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, cmd))} exited {proc.returncode}:\n{stderr[-3000:]}")
+    rss = usage.ru_maxrss / 1024  # kB on Linux
+    return ToolRun(seconds, stdout, stderr, rss, mem.peak_mb, max(rss, mem.largest_mb))
+
+
+# ---- timing ------------------------------------------------------------------------------------
+def synchronize(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, device, warmup=1, repeats=3, on_repeat=None):
+    """Seconds of each of ``repeats`` calls of ``fn()`` after ``warmup`` untimed ones (the first
+    calls pay for kernel selection and allocation); the GPU is synchronized around each call.
+    ``on_repeat(times so far)`` is called after each timed call (for partial results)."""
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+        if on_repeat is not None:
+            on_repeat(times)
+    return times
+
+
+def median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def process_stats(device):
+    """End-of-variant figures of this (child) process: peak RSS, on CUDA the allocator's peak, and
+    the machine's 1-minute load average (other jobs' load distorts CPU timings)."""
+    import torch
+    out = {"peak_rss_mb": round(peak_rss_mb(), 1), "load_1min": round(os.getloadavg()[0], 2)}
+    if device.type == "cuda":
+        out["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
+# ---- variants in subprocesses ------------------------------------------------------------------
+def emit(result):
+    """Child side: the one result line the parent reads."""
+    print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+def emit_partial(result):
+    """Child side: figures so far (after each timed step); the parent shows the last one if the
+    variant then runs out of time."""
+    print(PARTIAL_TAG + json.dumps(result), flush=True)
+
+
+def _last(out, tag):
+    lines = [line for line in out.splitlines() if line.startswith(tag)]
+    return json.loads(lines[-1][len(tag):]) if lines else None
+
+
+def run_variants(script, names, argv, timeout):
+    """Parent side: run ``script argv --variant NAME`` for each name, one at a time, in a fresh
+    process each; returns ``{name: result dict}``. A variant that fails or passes ``timeout``
+    seconds gives ``{"error": why}`` (with its last partial figures, if any) and the others
+    still run. The child leads its own process group, so a timeout (or Ctrl-C here) also ends
+    the tools it started; the scratch files they leave are under the parent's work folder."""
+    results = {}
+    for name in names:
+        cmd = [sys.executable, str(script), *argv, "--variant", name]
+        print(f"  running {name} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()  # what it printed before (its partial results)
+            partial = _last(out, PARTIAL_TAG)
+            results[name] = {**(partial or {}), "error": f"timeout after {timeout:g} s", "partial": bool(partial)}
+            print(f"  {name}: timeout after {timeout:g} s", file=sys.stderr, flush=True)
+            continue
+        except BaseException:  # Ctrl-C: the child is in another session and would not get it
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        result = _last(out, RESULT_TAG)
+        if proc.returncode != 0 or result is None:
+            tail = "\n".join(err.strip().splitlines()[-15:])
+            print(f"  {name} failed (exit {proc.returncode}):\n{tail}", file=sys.stderr, flush=True)
+            last = err.strip().splitlines()[-1] if err.strip() else ""
+            results[name] = {"error": f"failed (exit {proc.returncode}): {last[:120]}"}
+            continue
+        results[name] = result
+        print(f"  {name}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+    return results
+
+
+def child_argv():
+    """The parent's own flags, forwarded to each child (``--json`` is ignored there)."""
+    return sys.argv[1:]
+
+
+# ---- output ------------------------------------------------------------------------------------
+def fmt(value, digits=3):
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value != value:  # nan
+            return "-"
+        return f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def markdown_table(results, columns, ratios=(), baseline=None):
+    """A markdown table, one row per variant.
+
+    columns: ``[(header, key)]`` read from each result dict.
+    ratios: ``[(header, key, higher_is_better)]``: the variant's value against the baseline's,
+        written so that > 1 means better than the baseline (``x2.0`` = twice as fast).
+    baseline: the variant name the ratios are taken against (default: the first).
+    """
+    names = list(results)
+    base = results.get(baseline or (names[0] if names else None), {})
+    headers = ["variant"] + [h for h, _ in columns] + [h for h, _, _ in ratios]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for name in names:
+        r = results[name]
+        if "error" in r and not r.get("partial"):
+            cells = [name, r["error"]] + ["-"] * (len(headers) - 2)
+        else:  # a timed-out variant's partial figures are shown, marked
+            label = f"{name} ({r['error']}; figures so far)" if "error" in r else name
+            cells = [label] + [fmt(r.get(k)) for _, k in columns]
+            for _, key, higher in ratios:
+                v, b = r.get(key), base.get(key)
+                if not v or not b:
+                    cells.append("-")
+                else:
+                    cells.append(f"x{(v / b if higher else b / v):.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def select(wanted, available):
+    """The variants to run: ``--variants`` (checked) or all available ones."""
+    unknown = [n for n in wanted or () if n not in available]
+    if unknown:
+        sys.exit(f"error: unknown variant(s) {', '.join(unknown)} (choose from {', '.join(available)})")
+    return list(wanted or available)
+
+
+def busy_note(info):
+    """A warning when the machine was already loaded at the start (load average >= 0.5)."""
+    load = (info.get("load_average") or [0])[0]
+    if load < 0.5:
+        return None
+    return (f"Note: the 1-minute load average was {load:.2f} before the benchmark started: other jobs share the "
+            f"{info['cores']} cores, so CPU times are inflated (with all cores as torch threads, OpenMP threads "
+            f"that wait for a busy core can make a step several times slower: --threads 1 gives steadier figures).")
+
+
+def report(title, info, table, notes=(), json_path=None, payload=None):
+    """Print the title, the machine, the table and notes; optionally write everything as JSON."""
+    print(f"\n### {title}\n")
+    print(machine_line(info) + "\n")
+    notes = [n for n in [*notes, busy_note(info)] if n]
+    print(table)
+    for note in notes:
+        print(f"\n{note}")
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps({"title": title, "machine": info, **(payload or {})}, indent=1)
+                                   + "\n")
+        print(f"\n(results written to {json_path})")
