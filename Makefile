@@ -33,4 +33,4 @@ bench: $(STAMP)
 	$(PY) bench/run_all.py
 
 clean:
-	rm -rf demo_out .pytest_cache
+	rm -rf demo .pytest_cache
