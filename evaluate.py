@@ -19,6 +19,7 @@ from utils.separation import (
     BATCH_SIZE,
     DEFAULT_FACTOR,
     INV_DIV_EPS,
+    add_model_arguments,
     load_separator,
     non_negative_int,
     parse_modes,
@@ -30,10 +31,7 @@ from utils.separation import (
 def build_parser():
     p = UserErrorParser(description=__doc__.split("\n\n")[0],
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-c", "--config", required=True, help="the YAML config the model was trained with")
-    p.add_argument("-e", "--embedder_path", "--embedder", dest="embedder", default="resemblyzer",
-                   help="an original-format embedder.pt, or 'resemblyzer'")
-    p.add_argument("--checkpoint_path", required=True, help="a trainer checkpoint (chkpt_STEP.pt or best.pt)")
+    add_model_arguments(p)
     p.add_argument("-d", "--test_dir", default=None,
                    help="a test folder written by generator.py (None: the config's data.test_dir)")
     p.add_argument("-o", "--out_dir", required=True, help="where report.json, per_sample.csv and the "

@@ -18,6 +18,7 @@ from utils.separation import (
     DEFAULT_FACTOR,
     INV_DIV_EPS,
     OVERLAP_SECONDS,
+    add_model_arguments,
     expand_inputs,
     load_separator,
     non_negative_float,
@@ -33,10 +34,7 @@ from utils.separation import (
 def build_parser():
     p = UserErrorParser(description=__doc__.split("\n\n")[0],
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-c", "--config", required=True, help="the YAML config the model was trained with")
-    p.add_argument("-e", "--embedder_path", "--embedder", dest="embedder", default="resemblyzer",
-                   help="an original-format embedder.pt, or 'resemblyzer' (pretrained, offline)")
-    p.add_argument("--checkpoint_path", required=True, help="a trainer checkpoint (chkpt_STEP.pt or best.pt)")
+    add_model_arguments(p)
     p.add_argument("-m", "--mixed_file", nargs="+", action="extend", required=True, metavar="MIXED",
                    help="mixture file(s) or folder(s) of audio files (wav, flac, ogg, mp3...; any rate, "
                         "any channels); repeatable")

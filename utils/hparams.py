@@ -43,6 +43,17 @@ class Dotdict(dict):
         return {k: v.to_dict() if isinstance(v, Dotdict) else v for k, v in self.items()}
 
 
+def flatten(d, prefix=""):
+    """``{'train': {'adam': 0.001}}`` -> ``{'train.adam': 0.001}`` (for comparing configs key by key)."""
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _read_documents(text, source):
     """Merge the YAML documents of ``text`` into one dict of sections."""
     try:

@@ -42,7 +42,7 @@ from utils.audio import Audio, load_wav, save_wav
 from utils.checkpoint import load_checkpoint, load_model_weights
 from utils.cli import cpu_has_native_bf16
 from utils.errors import UserError
-from utils.hparams import HParam
+from utils.hparams import HParam, flatten
 
 logger = logging.getLogger(__name__)
 
@@ -119,14 +119,13 @@ def apply_mask(mag, mask, mode, factor=DEFAULT_FACTOR, eps=INV_DIV_EPS):
 
 
 # ---- loading -----------------------------------------------------------------------------------
-def _flatten(d, prefix=""):
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+def add_model_arguments(parser):
+    """The flags that name a trained model: ``-c``, ``-e``, ``--checkpoint_path`` (inference and evaluate)."""
+    parser.add_argument("-c", "--config", required=True, help="the YAML config the model was trained with")
+    parser.add_argument("-e", "--embedder_path", "--embedder", dest="embedder", default="resemblyzer",
+                        help="an original-format embedder.pt, or 'resemblyzer' (pretrained, offline)")
+    parser.add_argument("--checkpoint_path", required=True,
+                        help="a trainer checkpoint (chkpt_STEP.pt or best.pt)")
 
 
 def config_mismatches(hp_str, hp):
@@ -140,8 +139,8 @@ def config_mismatches(hp_str, hp):
     except UserError as err:
         logger.debug("cannot read the checkpoint's hp_str: %s", err)
         return []
-    old = _flatten({s: saved[s].to_dict() for s in CHECKED_SECTIONS}, "")
-    new = _flatten({s: hp[s].to_dict() for s in CHECKED_SECTIONS}, "")
+    old = flatten({s: saved[s].to_dict() for s in CHECKED_SECTIONS}, "")
+    new = flatten({s: hp[s].to_dict() for s in CHECKED_SECTIONS}, "")
     return [f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} in -c"
             for k in sorted(set(old) | set(new)) if k not in IGNORED_KEYS and old.get(k) != new.get(k)]
 

@@ -38,7 +38,7 @@ from utils.audio import Audio
 from utils.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from utils.cli import cpu_has_native_bf16, pick_device
 from utils.errors import UserError
-from utils.hparams import HParam
+from utils.hparams import HParam, flatten
 from utils.metrics import sdr
 from utils.writer import MyWriter
 
@@ -237,23 +237,13 @@ def write_config_copy(chkpt_dir, hp):
     return path
 
 
-def _flatten(d, prefix=""):
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def config_differences(old_hp_str, hp):
     """``['train.adam: 0.001 -> 0.0005', ...]``; None when the old config cannot be read."""
     try:
-        old = _flatten(HParam.from_string(old_hp_str or "").to_dict())
+        old = flatten(HParam.from_string(old_hp_str or "").to_dict())
     except UserError:
         return None
-    new = _flatten(hp.to_dict())
+    new = flatten(hp.to_dict())
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
