@@ -16,19 +16,22 @@ EXIT_USER_ERROR = 2
 class UserError(Exception):
     """A problem with the user's input, reported as one clear sentence."""
 
+    exit_code = EXIT_USER_ERROR  # subclasses for other failures (a download) set their own
 
-def run_cli(main, argv=None):
-    """Call ``main(argv)``; print a ``UserError`` as one line and exit 2.
 
-    KeyboardInterrupt exits 130 quietly (the caller has already saved what it
-    had to save).
+def run_cli(main, argv=None, interrupted="interrupted"):
+    """Call ``main(argv)``; print a ``UserError`` as one line and exit with its ``exit_code``
+    (2 unless the error says otherwise).
+
+    KeyboardInterrupt prints ``interrupted`` and exits 130 (the caller has already saved
+    what it had to save).
     """
     try:
         code = main(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        sys.exit(err.exit_code)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         sys.exit(130)
     sys.exit(code or 0)

@@ -26,14 +26,13 @@ import http.client
 import logging
 import os
 import shutil
-import sys
 import tarfile
 import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path, PurePosixPath
 
-from utils.errors import EXIT_USER_ERROR, UserError
+from utils.errors import UserError, run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +57,9 @@ RETRIES = 3  # a dropped connection is resumed this many times before giving up
 
 
 class DownloadError(UserError):
-    """A download, checksum or extraction problem, told to the user as one sentence."""
+    """A download, checksum or extraction problem, told to the user as one sentence (exit 1)."""
+
+    exit_code = 1
 
 
 # ----------------------------------------------------------------------------- download
@@ -361,21 +362,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run() -> None:
-    """Console entry: download problems exit 1, bad arguments 2, Ctrl-C 130; each as one line."""
-    try:
-        code = main(sys.argv[1:])
-    except DownloadError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume the download", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(code)
-
-
 if __name__ == "__main__":
-    _run()
+    run_cli(main, interrupted="interrupted; rerun the same command to resume the download")

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.errors import EXIT_USER_ERROR, UserError
+from utils.errors import UserError, run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -166,18 +166,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run() -> None:
-    """Console entry: user errors one line with exit 2, failed files exit 1."""
-    try:
-        code = main()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to continue (finished files are skipped)", file=sys.stderr)
-        sys.exit(130)
-    sys.exit(code)
-
-
 if __name__ == "__main__":
-    _run()
+    run_cli(main, interrupted="interrupted; rerun the same command to continue (finished files are skipped)")
