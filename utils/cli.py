@@ -62,12 +62,3 @@ def setup_console_logging(level=logging.INFO):
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
 
-
-def cpu_has_native_bf16():
-    """Whether oneDNN reports bfloat16 units (AVX512-BF16 or AMX) on this CPU. Without them
-    bf16 kernels are emulated: measured 1.5-2x slower than fp32 on small convolutions and
-    hundreds of times slower on the default model's dilated ones (AMD EPYC, AVX2 only)."""
-    import torch
-
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(check()) if check is not None else True

@@ -181,6 +181,18 @@ class HParam(Dotdict):
         return "---\n".join(yaml.safe_dump({k: v}, sort_keys=False) for k, v in self.to_dict().items())
 
 
+def config_changes(old_hp_str, hp, sections=None):
+    """``[(key, old value, new value)]`` where the config saved as ``old_hp_str`` (a
+    checkpoint's) and ``hp`` differ, within ``sections`` when given; raises UserError when
+    ``old_hp_str`` cannot be read."""
+    old = HParam.from_string(old_hp_str)
+
+    def flat(h):
+        return flatten({name: h[name].to_dict() for name in (sections or h.keys())})
+    before, after = flat(old), flat(hp)
+    return [(k, before.get(k), after.get(k)) for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+
+
 def load_hparam(filename):
     """The original's function name, kept for users' scripts."""
     return HParam(filename)

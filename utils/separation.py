@@ -27,7 +27,6 @@ the network together, and long recordings are processed in chunks of frames
 with context on both sides and a crossfade, so memory stays bounded.
 """
 import argparse
-import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -40,9 +39,9 @@ from model.embedder import load_embedder
 from model.model import VoiceFilter
 from utils.audio import Audio, load_wav, save_wav
 from utils.checkpoint import load_checkpoint, load_model_weights
-from utils.cli import cpu_has_native_bf16
 from utils.errors import UserError
-from utils.hparams import HParam, flatten
+from utils.hparams import config_changes
+from utils.precision import autocast, check_precision
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +51,6 @@ DEFAULT_FACTOR = 0.7
 # Floor of the mask in inv_div (factor * mag / max(mask, eps)). The parity
 # fixture's smallest mask value is 0.45, far above it.
 INV_DIV_EPS = 1e-3
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 # Long inputs: chunks of CHUNK_SECONDS of frames, each with OVERLAP_SECONDS of
 # extra frames on both sides (the conv stack sees +-65 frames, the BLSTM the
@@ -135,14 +133,11 @@ def config_mismatches(hp_str, hp):
     if not hp_str:
         return []
     try:
-        saved = HParam.from_string(hp_str)
+        changes = config_changes(hp_str, hp, CHECKED_SECTIONS)
     except UserError as err:
         logger.debug("cannot read the checkpoint's hp_str: %s", err)
         return []
-    old = flatten({s: saved[s].to_dict() for s in CHECKED_SECTIONS}, "")
-    new = flatten({s: hp[s].to_dict() for s in CHECKED_SECTIONS}, "")
-    return [f"{k}: {old.get(k)!r} in the checkpoint, {new.get(k)!r} in -c"
-            for k in sorted(set(old) | set(new)) if k not in IGNORED_KEYS and old.get(k) != new.get(k)]
+    return [f"{k}: {old!r} in the checkpoint, {new!r} in -c" for k, old, new in changes if k not in IGNORED_KEYS]
 
 
 def load_model(hp, checkpoint_path, device):
@@ -205,13 +200,7 @@ class Separator:
 
     def __init__(self, hp, model, embedder, device, precision="fp32", chunk_seconds=CHUNK_SECONDS,
                  overlap_seconds=OVERLAP_SECONDS, batch_size=BATCH_SIZE, eps=INV_DIV_EPS):
-        if precision not in PRECISIONS:
-            raise UserError(f"unknown precision {precision!r} (use {', '.join(PRECISIONS)})")
-        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise UserError("this GPU has no bfloat16 support: use --precision fp32")
-        if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-            logger.warning("this CPU has no native bfloat16 (AVX512-BF16 or AMX): bf16 runs emulated, far slower "
-                           "than fp32 (use --precision fp32 here)")
+        check_precision(precision, device, "--precision")
         self.hp, self.model, self.embedder, self.device = hp, model, embedder, device
         self.audio = Audio(hp)
         self.precision, self.eps, self.batch_size = precision, eps, max(1, int(batch_size))
@@ -237,9 +226,7 @@ class Separator:
     @torch.inference_mode()
     def mask(self, mag, dvec):
         """mag [B, T, F], dvec [B, E] on the device -> mask [B, T, F] float32."""
-        dtype = PRECISIONS[self.precision]
-        context = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-        with context:  # the network only: the STFTs stay float32
+        with autocast(self.device, self.precision):  # the network only: the STFTs stay float32
             mask = self.model(mag, dvec)
         return mask.float()
 

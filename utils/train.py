@@ -36,10 +36,11 @@ from model.embedder import load_embedder
 from model.model import VoiceFilter, count_parameters
 from utils.audio import Audio
 from utils.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
-from utils.cli import cpu_has_native_bf16, pick_device
+from utils.cli import pick_device
 from utils.errors import UserError
-from utils.hparams import HParam, flatten
+from utils.hparams import config_changes
 from utils.metrics import sdr
+from utils.precision import autocast, check_precision
 from utils.writer import MyWriter
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,6 @@ POWER_LAW_FLOOR = 1e-4      # x**p has an infinite slope at 0: clamp before comp
 BEST_NAME = "best.pt"
 CONFIG_NAME = "config.yaml"
 LOG_FORMAT = "%(asctime)s - %(levelname)s - %(message)s"  # the original's
-PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -107,23 +107,6 @@ def unwrap(model):
 
 
 # ---- precision, loss, optimizer ----------------------------------------------------------------
-def check_precision(precision, device):
-    """fp16 needs a GPU (its gradient scaler and half kernels); on CPU use bf16."""
-    if precision == "fp16" and device.type == "cpu":
-        raise UserError("train.precision fp16 needs a CUDA (or MPS) device; on CPU use bf16 (or fp32)")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("this GPU has no bfloat16 support: use train.precision fp16 or fp32")
-    if precision == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
-        logger.warning("this CPU has no native bfloat16 (AVX512-BF16 or AMX): bf16 runs emulated, far slower than "
-                       "fp32 (use train.precision fp32 here)")
-
-
-def autocast(device, precision):
-    """The forward pass's autocast context (disabled for fp32); weights stay fp32."""
-    dtype = PRECISION_DTYPES[precision]
-    return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
-
-
 def make_loss(hp):
     """Elementwise loss [B, T, F] of (estimated, target) normalized magnitudes.
 
@@ -240,11 +223,10 @@ def write_config_copy(chkpt_dir, hp):
 def config_differences(old_hp_str, hp):
     """``['train.adam: 0.001 -> 0.0005', ...]``; None when the old config cannot be read."""
     try:
-        old = flatten(HParam.from_string(old_hp_str or "").to_dict())
+        changes = config_changes(old_hp_str or "", hp)
     except UserError:
         return None
-    new = flatten(hp.to_dict())
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    return [f"{k}: {old!r} -> {new!r}" for k, old, new in changes]
 
 
 def resume(path, model, optimizer, scaler, hp, embedder_name, batches_per_epoch, world_size):
@@ -491,7 +473,7 @@ def _train(hp, name, dist, chkpt_dir, log_dir, embedder_spec, checkpoint_path, p
     precision, max_steps = hp.train.precision, hp.train.max_steps
     if max_steps < 0 or hp.train.validation_samples < 0:
         raise UserError("train.max_steps and train.validation_samples must be 0 or positive")
-    check_precision(precision, device)
+    check_precision(precision, device, "train.precision")
     train_dir, test_dir = _check_data_dir(hp, "train_dir"), _check_data_dir(hp, "test_dir")
     if checkpoint_path and not Path(checkpoint_path).is_file():
         raise UserError(f"checkpoint not found: {checkpoint_path}")
