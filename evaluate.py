@@ -13,14 +13,12 @@ import os
 
 from utils.cli import UserErrorParser, add_bool_flag, add_device_flag, pick_device, setup_console_logging
 from utils.errors import UserError, run_cli
-from utils.evaluation import format_table, run_evaluation
 from utils.hparams import HParam
-from utils.separation import (
+from utils.separation_options import (
     BATCH_SIZE,
     DEFAULT_FACTOR,
     INV_DIV_EPS,
     add_model_arguments,
-    load_separator,
     non_negative_int,
     parse_modes,
     positive_float,
@@ -65,6 +63,9 @@ def main(argv=None):
         logging.getLogger(__name__).warning("--jobs %d is more than the %d CPU cores", args.jobs, os.cpu_count())
     modes = parse_modes(args.mask)
     device = pick_device(args.device)
+    from utils.evaluation import format_table, run_evaluation  # torch: only once the arguments are good
+    from utils.separation import load_separator
+
     separator = load_separator(hp, args.checkpoint_path, args.embedder, device, precision=args.precision,
                                batch_size=args.batch_size, eps=args.inv_div_eps)
     meta = {"config": str(args.config), "checkpoint": str(args.checkpoint_path), "embedder": str(args.embedder),

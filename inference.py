@@ -12,7 +12,7 @@ import logging
 from utils.cli import UserErrorParser, add_bool_flag, add_device_flag, pick_device, setup_console_logging
 from utils.errors import run_cli
 from utils.hparams import HParam
-from utils.separation import (
+from utils.separation_options import (
     BATCH_SIZE,
     CHUNK_SECONDS,
     DEFAULT_FACTOR,
@@ -20,14 +20,12 @@ from utils.separation import (
     OVERLAP_SECONDS,
     add_model_arguments,
     expand_inputs,
-    load_separator,
     non_negative_float,
     output_plan,
     pair_references,
     parse_modes,
     positive_float,
     positive_int,
-    separate_files,
 )
 
 
@@ -73,6 +71,8 @@ def main(argv=None):
     inputs = expand_inputs(args.mixed_file, args.out_dir)
     output_plan(inputs, args.out_dir, modes)  # name clashes and a bad -o: before any work
     references = pair_references(inputs, args.reference_file)
+    from utils.separation import load_separator, separate_files  # torch: only once the arguments are good
+
     separator = load_separator(hp, args.checkpoint_path, args.embedder, pick_device(args.device),
                                precision=args.precision, chunk_seconds=args.chunk_seconds,
                                overlap_seconds=args.overlap_seconds, batch_size=args.batch_size,

@@ -435,3 +435,15 @@ def test_help_documents_the_modes_and_the_guard():
 
     text = inference.build_parser().format_help()
     assert "inv_div" in text and "--chunk_seconds" in text and "max(mask, eps)" in text
+
+
+@pytest.mark.parametrize("script", ["inference.py", "evaluate.py"])
+def test_help_and_flag_errors_answer_before_torch_is_imported(script, tmp_path):
+    # -X importtime lists every module the interpreter imported: torch must not be among them
+    # when the command line alone already decides the answer.
+    for args in (["--help"], ["-c", "x.yaml", "--checkpoint_path", "c.pt", "-o", str(tmp_path), "--mask", "bad"]):
+        proc = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / script), *args],
+                              capture_output=True, text=True, cwd=ROOT, timeout=60)
+        imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+        assert "torch" not in imported and "numpy" not in imported, args
+        assert proc.returncode == (0 if args == ["--help"] else 2)

@@ -26,11 +26,9 @@ original's numpy path well above 40 dB SNR), same-length mixtures go through
 the network together, and long recordings are processed in chunks of frames
 with context on both sides and a crossfade, so memory stays bounded.
 """
-import argparse
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,68 +40,32 @@ from utils.checkpoint import load_checkpoint, load_model_weights
 from utils.errors import UserError
 from utils.hparams import config_changes
 from utils.precision import autocast, check_precision
+from utils.separation_options import (  # noqa: F401 (re-exported: the library's one namespace)
+    ALL_MODES,
+    BATCH_SIZE,
+    CHUNK_SECONDS,
+    DEFAULT_FACTOR,
+    INV_DIV_EPS,
+    MASK_MODES,
+    OVERLAP_SECONDS,
+    add_model_arguments,
+    expand_inputs,
+    non_negative_float,
+    non_negative_int,
+    output_plan,
+    pair_references,
+    parse_modes,
+    positive_float,
+    positive_int,
+    result_names,
+)
 
 logger = logging.getLogger(__name__)
-
-MASK_MODES = ("org", "inv_div", "inv_sub")
-ALL_MODES = "all"
-DEFAULT_FACTOR = 0.7
-# Floor of the mask in inv_div (factor * mag / max(mask, eps)). The parity
-# fixture's smallest mask value is 0.45, far above it.
-INV_DIV_EPS = 1e-3
-
-# Long inputs: chunks of CHUNK_SECONDS of frames, each with OVERLAP_SECONDS of
-# extra frames on both sides (the conv stack sees +-65 frames, the BLSTM the
-# whole chunk), stitched in the waveform domain with a linear crossfade.
-CHUNK_SECONDS = 30.0
-OVERLAP_SECONDS = 3.0
-BATCH_SIZE = 8
 
 # Config sections a checkpoint's hp_str must agree with; audio.preemphasis and
 # audio.power play no part at inference (power only shapes a training loss).
 CHECKED_SECTIONS = ("audio", "model", "embedder")
 IGNORED_KEYS = {"audio.preemphasis", "audio.power"}
-
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au",
-                  ".snd", ".w64", ".caf", ".rf64"}
-
-
-# ---- command-line value types (argparse ``type=``) -----------------------------------------------
-def _number(text, kind, ok, what):
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not ok(value) or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
-    return value
-
-
-def positive_float(text):
-    return _number(text, float, lambda v: v > 0, "a positive number")
-
-
-def non_negative_float(text):
-    return _number(text, float, lambda v: v >= 0, "zero or a positive number")
-
-
-def positive_int(text):
-    return _number(text, int, lambda v: v >= 1, "at least 1")
-
-
-def non_negative_int(text):
-    return _number(text, int, lambda v: v >= 0, "zero or more")
-
-
-# ---- mask modes --------------------------------------------------------------------------------
-def parse_modes(text):
-    """``'org'`` -> ['org']; ``'all'`` -> all three modes."""
-    if text == ALL_MODES:
-        return list(MASK_MODES)
-    if text not in MASK_MODES:
-        raise UserError(f"unknown mask mode {text!r} (use {', '.join(MASK_MODES)} or {ALL_MODES})")
-    return [text]
-
 
 def apply_mask(mag, mask, mode, factor=DEFAULT_FACTOR, eps=INV_DIV_EPS):
     """Estimated normalized magnitude from the mixture's ``mag`` and the ``mask`` (same shape)."""
@@ -117,15 +79,6 @@ def apply_mask(mag, mask, mode, factor=DEFAULT_FACTOR, eps=INV_DIV_EPS):
 
 
 # ---- loading -----------------------------------------------------------------------------------
-def add_model_arguments(parser):
-    """The flags that name a trained model: ``-c``, ``-e``, ``--checkpoint_path`` (inference and evaluate)."""
-    parser.add_argument("-c", "--config", required=True, help="the YAML config the model was trained with")
-    parser.add_argument("-e", "--embedder_path", "--embedder", dest="embedder", default="resemblyzer",
-                        help="an original-format embedder.pt, or 'resemblyzer' (pretrained, offline)")
-    parser.add_argument("--checkpoint_path", required=True,
-                        help="a trainer checkpoint (chkpt_STEP.pt or best.pt)")
-
-
 def config_mismatches(hp_str, hp):
     """Keys of the audio/model/embedder sections where a checkpoint's ``hp_str`` and ``hp``
     differ, as ``['model.lstm_dim: 400 in the checkpoint, 64 in -c', ...]``; [] when they agree
@@ -349,68 +302,6 @@ def load_separator(hp, checkpoint_path, embedder_spec, device, **options):
     model = load_model(hp, checkpoint_path, device)
     embedder = load_embedder(embedder_spec, hp, device)
     return Separator(hp, model, embedder, device, **options)
-
-
-# ---- files -------------------------------------------------------------------------------------
-def result_names(stem, modes, many):
-    """Output file names (without folder) per mode: result.wav, result_org.wav, x-result.wav, ..."""
-    base = f"{stem}-result" if many else "result"
-    if len(modes) == 1:
-        return {modes[0]: f"{base}.wav"}
-    return {m: f"{base}_{m}.wav" for m in modes}
-
-
-def expand_inputs(paths, out_dir=None):
-    """Files and folders (every audio file in them, sorted) -> a list of files.
-
-    Files of a folder that are this program's own results in ``out_dir`` are left out,
-    so a rerun into the input folder does not separate its outputs again.
-    """
-    files = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
-            if out_dir is not None and path.resolve() == Path(out_dir).resolve():
-                found = [p for p in found if not (p.stem == "result" or p.stem.startswith("result_")
-                                                  or "-result" in p.stem)]
-            if not found:
-                raise UserError(f"no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in folder {path}")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise UserError(f"audio file not found: {path}")
-    return files
-
-
-def pair_references(inputs, references):
-    """One reference for all inputs, or one per input (paired in order)."""
-    references = [Path(r) for r in references]
-    if len(references) == 1:
-        return references * len(inputs)
-    if len(references) != len(inputs):
-        raise UserError(f"{len(references)} references for {len(inputs)} mixtures: give one -r for all, "
-                        f"or one per mixture")
-    return references
-
-
-def output_plan(inputs, out_dir, modes):
-    """``[(input, {mode: output path}, picture path)]``; two inputs with one name are an error."""
-    many = len(inputs) > 1
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"output folder {out_dir} is a file")
-    seen = {}
-    plan = []
-    for path in inputs:
-        if many and path.stem in seen:
-            raise UserError(f"two mixtures would write the same output name: {seen[path.stem]} and {path} "
-                            f"(rename one, or run them separately)")
-        seen[path.stem] = path
-        names = result_names(path.stem, modes, many)
-        picture = out_dir / (f"{path.stem}-result.png" if many else "result.png")
-        plan.append((path, {m: out_dir / name for m, name in names.items()}, picture))
-    return plan
 
 
 def separate_files(separator, inputs, references, out_dir, modes, factor=DEFAULT_FACTOR, plot=False,

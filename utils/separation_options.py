@@ -1,0 +1,136 @@
+"""What a user asks of the separation: mask modes, numeric flags, model flags, input and output files.
+
+Kept free of torch and numpy so that ``inference.py --help``, a bad flag or a missing
+file answer at once, before the deep-learning stack is imported (about 1.5 s).
+"""
+import argparse
+from pathlib import Path
+
+from utils.errors import UserError
+
+MASK_MODES = ("org", "inv_div", "inv_sub")
+ALL_MODES = "all"
+DEFAULT_FACTOR = 0.7
+# Floor of the mask in inv_div (factor * mag / max(mask, eps)). The parity
+# fixture's smallest mask value is 0.45, far above it.
+INV_DIV_EPS = 1e-3
+
+# Long inputs: chunks of CHUNK_SECONDS of frames, each with OVERLAP_SECONDS of
+# extra frames on both sides (the conv stack sees +-65 frames, the BLSTM the
+# whole chunk), stitched in the waveform domain with a linear crossfade.
+CHUNK_SECONDS = 30.0
+OVERLAP_SECONDS = 3.0
+BATCH_SIZE = 8
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au",
+                  ".snd", ".w64", ".caf", ".rf64"}
+
+
+# ---- command-line value types (argparse ``type=``) -----------------------------------------------
+def _number(text, kind, ok, what):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not ok(value) or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+    return value
+
+
+def positive_float(text):
+    return _number(text, float, lambda v: v > 0, "a positive number")
+
+
+def non_negative_float(text):
+    return _number(text, float, lambda v: v >= 0, "zero or a positive number")
+
+
+def positive_int(text):
+    return _number(text, int, lambda v: v >= 1, "at least 1")
+
+
+def non_negative_int(text):
+    return _number(text, int, lambda v: v >= 0, "zero or more")
+
+
+# ---- mask modes --------------------------------------------------------------------------------
+def parse_modes(text):
+    """``'org'`` -> ['org']; ``'all'`` -> all three modes."""
+    if text == ALL_MODES:
+        return list(MASK_MODES)
+    if text not in MASK_MODES:
+        raise UserError(f"unknown mask mode {text!r} (use {', '.join(MASK_MODES)} or {ALL_MODES})")
+    return [text]
+
+
+
+# ---- model flags -------------------------------------------------------------------------------
+def add_model_arguments(parser):
+    """The flags that name a trained model: ``-c``, ``-e``, ``--checkpoint_path`` (inference and evaluate)."""
+    parser.add_argument("-c", "--config", required=True, help="the YAML config the model was trained with")
+    parser.add_argument("-e", "--embedder_path", "--embedder", dest="embedder", default="resemblyzer",
+                        help="an original-format embedder.pt, or 'resemblyzer' (pretrained, offline)")
+    parser.add_argument("--checkpoint_path", required=True,
+                        help="a trainer checkpoint (chkpt_STEP.pt or best.pt)")
+
+
+# ---- files -------------------------------------------------------------------------------------
+def result_names(stem, modes, many):
+    """Output file names (without folder) per mode: result.wav, result_org.wav, x-result.wav, ..."""
+    base = f"{stem}-result" if many else "result"
+    if len(modes) == 1:
+        return {modes[0]: f"{base}.wav"}
+    return {m: f"{base}_{m}.wav" for m in modes}
+
+
+def expand_inputs(paths, out_dir=None):
+    """Files and folders (every audio file in them, sorted) -> a list of files.
+
+    Files of a folder that are this program's own results in ``out_dir`` are left out,
+    so a rerun into the input folder does not separate its outputs again.
+    """
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+            if out_dir is not None and path.resolve() == Path(out_dir).resolve():
+                found = [p for p in found if not (p.stem == "result" or p.stem.startswith("result_")
+                                                  or "-result" in p.stem)]
+            if not found:
+                raise UserError(f"no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in folder {path}")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"audio file not found: {path}")
+    return files
+
+
+def pair_references(inputs, references):
+    """One reference for all inputs, or one per input (paired in order)."""
+    references = [Path(r) for r in references]
+    if len(references) == 1:
+        return references * len(inputs)
+    if len(references) != len(inputs):
+        raise UserError(f"{len(references)} references for {len(inputs)} mixtures: give one -r for all, "
+                        f"or one per mixture")
+    return references
+
+
+def output_plan(inputs, out_dir, modes):
+    """``[(input, {mode: output path}, picture path)]``; two inputs with one name are an error."""
+    many = len(inputs) > 1
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"output folder {out_dir} is a file")
+    seen = {}
+    plan = []
+    for path in inputs:
+        if many and path.stem in seen:
+            raise UserError(f"two mixtures would write the same output name: {seen[path.stem]} and {path} "
+                            f"(rename one, or run them separately)")
+        seen[path.stem] = path
+        names = result_names(path.stem, modes, many)
+        picture = out_dir / (f"{path.stem}-result.png" if many else "result.png")
+        plan.append((path, {m: out_dir / name for m, name in names.items()}, picture))
+    return plan
