@@ -18,12 +18,11 @@ import importlib.util
 import logging
 from pathlib import Path
 
-import librosa
 import numpy as np
 import torch
 from torch import nn
 
-from utils.audio import Audio
+from utils.audio import Audio, mel_basis
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -88,8 +87,7 @@ class ResemblyzerEncoder(nn.Module):
         super().__init__()
         self.lstm = nn.LSTM(40, 256, 3, batch_first=True)
         self.linear = nn.Linear(256, 256)
-        self._mel_basis = torch.from_numpy(
-            librosa.filters.mel(sr=self.SAMPLE_RATE, n_fft=self.N_FFT, n_mels=40).astype(np.float32))
+        self._mel_basis = torch.from_numpy(mel_basis(self.SAMPLE_RATE, self.N_FFT, 40).copy())
 
     def forward(self, mels):
         """mels [P, frames, 40] -> unit embeddings [P, 256]."""

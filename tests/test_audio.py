@@ -149,3 +149,15 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     for name in ("r.wav", "h.png"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["h.png", "r.wav"]
+
+
+@pytest.mark.parametrize("rate,n_fft,n_mels", [(16000, 512, 40), (16000, 1200, 40), (16000, 400, 40), (8000, 256, 20)])
+def test_mel_basis_equals_librosa(rate, n_fft, n_mels):
+    import librosa
+
+    from utils.audio import mel_basis
+
+    expected = librosa.filters.mel(sr=rate, n_fft=n_fft, n_mels=n_mels).astype(np.float32)
+    got = mel_basis(rate, n_fft, n_mels)
+    assert got.shape == expected.shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)

@@ -6,6 +6,7 @@ transforms batched in torch on any device, for training, validation and
 inference. Shapes follow the original: spectrograms are ``[time, freq]``,
 embedder mels ``[num_mels, time]``.
 """
+import functools
 import logging
 from pathlib import Path
 
@@ -21,6 +22,31 @@ logger = logging.getLogger(__name__)
 
 # Peak amplitude under which a file counts as silent (-100 dBFS).
 SILENCE_PEAK = 1e-5
+
+
+@functools.lru_cache(maxsize=8)
+def mel_basis(sample_rate, n_fft, n_mels):
+    """Slaney-normalized mel filterbank [n_mels, 1 + n_fft // 2] float32, equal to
+    ``librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels)``.
+
+    Built from librosa's own mel and FFT frequency scales, as ``librosa.filters.mel``
+    builds it, because importing ``librosa.filters`` pulls in scipy.signal and
+    scipy.stats (about 1 s, the largest part of inference.py's start-up besides torch);
+    tests/test_audio.py holds the two equal.
+    """
+    from librosa.core.convert import fft_frequencies, mel_frequencies
+
+    fft_f = fft_frequencies(sr=sample_rate, n_fft=n_fft)
+    mel_f = mel_frequencies(n_mels + 2, fmin=0.0, fmax=sample_rate / 2.0)
+    ramps = mel_f[:, None] - fft_f[None, :]  # [n_mels + 2, bins]
+    fdiff = np.diff(mel_f)[:, None]
+    lower = -ramps[:-2] / fdiff[:-1]
+    upper = ramps[2:] / fdiff[1:]
+    weights = np.maximum(0.0, np.minimum(lower, upper))
+    weights *= (2.0 / (mel_f[2:] - mel_f[:-2]))[:, None]
+    weights = weights.astype(np.float32)
+    weights.setflags(write=False)  # shared by every caller through the cache
+    return weights
 
 
 class AudioError(UserError):
@@ -76,9 +102,10 @@ class Audio:
     def __init__(self, hp):
         self.hp = hp
         self._torch_cache = {}
-        self._mel_basis = librosa.filters.mel(
-            sr=hp.audio.sample_rate, n_fft=hp.embedder.n_fft, n_mels=hp.embedder.num_mels
-        ).astype(np.float32)
+
+    @property
+    def _mel_basis(self):
+        return mel_basis(self.hp.audio.sample_rate, self.hp.embedder.n_fft, self.hp.embedder.num_mels)
 
     # ---- numpy, as the original ------------------------------------------------
     def stft(self, y):
@@ -138,7 +165,7 @@ class Audio:
     def _mel_basis_on(self, device):
         key = ("mel", device)
         if key not in self._torch_cache:
-            self._torch_cache[key] = torch.from_numpy(self._mel_basis).to(device)
+            self._torch_cache[key] = torch.from_numpy(self._mel_basis.copy()).to(device)
         return self._torch_cache[key]
 
     def wav2spec_torch(self, wav):
