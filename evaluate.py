@@ -19,6 +19,7 @@ from utils.separation_options import (
     DEFAULT_FACTOR,
     INV_DIV_EPS,
     add_model_arguments,
+    add_speed_arguments,
     non_negative_int,
     parse_modes,
     positive_float,
@@ -40,8 +41,7 @@ def build_parser():
     p.add_argument("--inv_div_eps", type=positive_float, default=INV_DIV_EPS,
                    help="inv_div divides by max(mask, eps)")
     add_device_flag(p)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: autocast the network to bfloat16")
+    add_speed_arguments(p)
     p.add_argument("--limit", type=non_negative_int, default=0, help="score the first N samples only (0: all)")
     p.add_argument("--batch_size", type=positive_int, default=BATCH_SIZE, help="samples per network call")
     p.add_argument("--jobs", type=positive_int, default=1,
@@ -67,9 +67,10 @@ def main(argv=None):
     from utils.separation import load_separator
 
     separator = load_separator(hp, args.checkpoint_path, args.embedder, device, precision=args.precision,
-                               batch_size=args.batch_size, eps=args.inv_div_eps)
+                               channels_last=args.channels_last, batch_size=args.batch_size, eps=args.inv_div_eps)
     meta = {"config": str(args.config), "checkpoint": str(args.checkpoint_path), "embedder": str(args.embedder),
-            "embedder_name": separator.embedder.name, "device": str(device), "precision": args.precision}
+            "embedder_name": separator.embedder.name, "device": str(device), "precision": args.precision,
+            "channels_last": args.channels_last}
     report = run_evaluation(separator, test_dir, args.out_dir, modes, args.factor, limit=args.limit,
                             reversed_flag=args.reversed, jobs=args.jobs, progress=True, meta=meta)
     print(format_table(report["modes"]))

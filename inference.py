@@ -19,6 +19,7 @@ from utils.separation_options import (
     INV_DIV_EPS,
     OVERLAP_SECONDS,
     add_model_arguments,
+    add_speed_arguments,
     expand_inputs,
     non_negative_float,
     output_plan,
@@ -48,8 +49,7 @@ def build_parser():
                    help="inv_div divides by max(mask, eps): a guard against a mask of zero; bins whose mask "
                         "is under it come out at the spectrogram's ceiling, as they would without it")
     add_device_flag(p)
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
-                   help="bf16: autocast the network (not the STFT) to bfloat16")
+    add_speed_arguments(p)
     add_bool_flag(p, "--plot", default=False,
                   help="also write spectrogram pictures (mixture, mask, result) as result.png / NAME-result.png")
     p.add_argument("--chunk_seconds", type=non_negative_float, default=CHUNK_SECONDS,
@@ -74,8 +74,9 @@ def main(argv=None):
     from utils.separation import load_separator, separate_files  # torch: only once the arguments are good
 
     separator = load_separator(hp, args.checkpoint_path, args.embedder, pick_device(args.device),
-                               precision=args.precision, chunk_seconds=args.chunk_seconds,
-                               overlap_seconds=args.overlap_seconds, batch_size=args.batch_size,
+                               precision=args.precision, channels_last=args.channels_last,
+                               chunk_seconds=args.chunk_seconds, overlap_seconds=args.overlap_seconds,
+                               batch_size=args.batch_size,
                                eps=args.inv_div_eps)
     written = separate_files(separator, inputs, references, args.out_dir, modes, factor=args.factor,
                              plot=args.plot, progress=len(inputs) > 1)

@@ -9,6 +9,7 @@ pads itself (the same zeros, one copy less) and the pad slots hold
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 # (kernel, time dilation) of cnn1..cnn7; cnn8 is a 1x1 projection to 8 channels.
 _CONV_LAYOUT = [((1, 7), 1), ((7, 1), 1), ((5, 5), 1), ((5, 5), 2), ((5, 5), 4), ((5, 5), 8), ((5, 5), 16)]
@@ -61,6 +62,21 @@ class VoiceFilter(nn.Module):
         x = self.fc1(F.relu(x))
         x = self.fc2(F.relu(x))  # [B, T, F]
         return torch.sigmoid(x)
+
+    def for_inference(self, channels_last=False):
+        """Eval mode with each batch norm folded into its convolution (one pass over the
+        activations less per layer; the masks agree with the unfolded network to float
+        rounding), optionally in channels_last memory format. Done after loading weights:
+        the folded network has no batch-norm parameters and cannot be trained further."""
+        self.eval()
+        layers = list(self.conv)
+        for i, (conv, norm) in enumerate(zip(layers, layers[1:], strict=False)):
+            if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+                self.conv[i], self.conv[i + 1] = fuse_conv_bn_eval(conv, norm), nn.Identity()
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+        return self
 
 
 def count_parameters(model):

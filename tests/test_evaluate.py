@@ -115,7 +115,8 @@ def independent_scores(setup, samples, factor=0.7, eps=1e-3):
 def evaluated(setup):
     """One real evaluate.py run (mir_eval in a pool of 2), while this process computes the references."""
     out = setup["root"] / "out"
-    proc = start_script("evaluate.py", *eval_args(setup, out, "--mask", "all", "--jobs", "2", "--batch_size", "2"))
+    proc = start_script("evaluate.py", *eval_args(setup, out, "--mask", "all", "--jobs", "2", "--batch_size", "2",
+                                                     "--channels_last"))
     expected = independent_scores(setup, ["000000", "000002"])
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
@@ -138,6 +139,7 @@ def test_outputs_and_layout(evaluated):
     assert "reference speaker" in report["modes"]["org"]["reference_is"]
     assert "minus" in report["modes"]["inv_div"]["reference_is"]
     assert report["checkpoint"].endswith("chkpt_0.pt") and report["factor"] == 0.7
+    assert report["channels_last"] is True and report["precision"] == "fp32"
     assert "median" in evaluated["stdout"] and "inv_div" in evaluated["stdout"]
 
 

@@ -15,6 +15,7 @@ from model.model import VoiceFilter
 from utils.audio import load_wav
 from utils.checkpoint import save_checkpoint
 from utils.hparams import HParam
+from utils.precision import cpu_has_native_bf16
 from utils.separation import INV_DIV_EPS, MASK_MODES, Separator, apply_mask, config_mismatches, load_separator
 
 RATE = 16000
@@ -120,11 +121,19 @@ def base_args(tiny, out, *extra):
 
 
 # ---- parity with the original --------------------------------------------------------------------
-def test_parity_with_the_original_all_modes(parity_dir, tmp_path):
+# the fast paths too: measured 120 dB (fp32, either memory format) and 47 dB (bf16) against the original
+@pytest.mark.parametrize("fast_flags", [
+    pytest.param([], id="fp32"),
+    pytest.param(["--channels_last"], id="fp32-channels_last"),
+    pytest.param(["--precision", "bf16", "--channels_last"], id="bf16-channels_last",
+                 marks=pytest.mark.skipif(not cpu_has_native_bf16(), reason="bf16 is emulated (minutes) on this CPU")),
+])
+def test_parity_with_the_original_all_modes(parity_dir, tmp_path, fast_flags):
     out = tmp_path / "out"
     proc = run_script("inference.py", "-c", parity_dir / "config.yaml", "-e", parity_dir / "embedder.pt",
                       "--checkpoint_path", parity_dir / "chkpt.pt", "-m", parity_dir / "mixed.wav",
-                      "-r", parity_dir / "reference.wav", "-o", out, "--mask", "all", "--device", "cpu")
+                      "-r", parity_dir / "reference.wav", "-o", out, "--mask", "all", "--device", "cpu",
+                      *fast_flags)
     assert proc.returncode == 0, proc.stderr
     for mode in MASK_MODES:
         ours, rate = sf.read(out / f"result_{mode}.wav", dtype="float32")

@@ -41,6 +41,30 @@ def test_channels_last_gives_the_same_mask(tmp_path):
         torch.testing.assert_close(fast(x, d), plain(x, d), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inference_network_folds_batch_norms_and_keeps_the_mask(channels_last):
+    hp = HParam("config/tiny.yaml")
+    torch.manual_seed(0)
+    plain = VoiceFilter(hp)
+    for module in plain.modules():  # trained-looking statistics, so that folding has work to do
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.2, 3.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.3, 0.3)
+    plain.eval()
+    fast = VoiceFilter(hp)
+    fast.load_state_dict(plain.state_dict())
+    fast.for_inference(channels_last)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert not fast.training and fast.channels_last == channels_last
+    x, d = torch.rand(2, 40, 257), torch.randn(2, 256)
+    with torch.no_grad():
+        expected = plain(x, d)
+        assert (expected - 0.5).abs().max() > 0.01  # not a trivially flat mask
+        torch.testing.assert_close(fast(x, d), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_original_checkpoint_loads_safely_and_gives_the_original_mask(parity_dir):
     hp = HParam(parity_dir / "config.yaml")
     state = load_checkpoint(parity_dir / "chkpt.pt")
@@ -52,6 +76,9 @@ def test_original_checkpoint_loads_safely_and_gives_the_original_mask(parity_dir
     with torch.no_grad():
         mask = model(mag, dvec)[0].numpy()
     assert np.abs(mask - np.load(parity_dir / "mask.npy")).max() < 1e-3
+    with torch.no_grad():
+        folded = model.for_inference(channels_last=True)(mag, dvec)[0].numpy()
+    assert np.abs(folded - np.load(parity_dir / "mask.npy")).max() < 1e-3
 
 
 def test_checkpoint_round_trip_and_errors(tmp_path):

@@ -93,8 +93,9 @@ def config_mismatches(hp_str, hp):
     return [f"{k}: {old!r} in the checkpoint, {new!r} in -c" for k, old, new in changes if k not in IGNORED_KEYS]
 
 
-def load_model(hp, checkpoint_path, device):
-    """A VoiceFilter in eval mode on ``device`` with the checkpoint's weights.
+def load_model(hp, checkpoint_path, device, channels_last=False):
+    """A VoiceFilter on ``device`` with the checkpoint's weights, ready for inference
+    (:meth:`VoiceFilter.for_inference`: batch norms folded, optionally channels_last).
 
     A checkpoint that does not fit the config is a :class:`UserError` asking for
     the training config; a config that fits but differs from the checkpoint's
@@ -112,7 +113,7 @@ def load_model(hp, checkpoint_path, device):
     if differences:
         logger.warning("checkpoint %s was trained with another config than -c (%s): pass the training "
                        "config for faithful results", checkpoint_path, "; ".join(differences))
-    return model.to(device).eval()
+    return model.to(device).for_inference(channels_last)
 
 
 def min_samples(hp):
@@ -297,9 +298,9 @@ class Separator:
         return Separation(wavs=outputs, spectra=spectra, spectra_note=note)
 
 
-def load_separator(hp, checkpoint_path, embedder_spec, device, **options):
+def load_separator(hp, checkpoint_path, embedder_spec, device, channels_last=False, **options):
     """Model and embedder from files -> :class:`Separator` (``options`` go to its constructor)."""
-    model = load_model(hp, checkpoint_path, device)
+    model = load_model(hp, checkpoint_path, device, channels_last)
     embedder = load_embedder(embedder_spec, hp, device)
     return Separator(hp, model, embedder, device, **options)
 

@@ -74,6 +74,18 @@ def add_model_arguments(parser):
                         help="a trainer checkpoint (chkpt_STEP.pt or best.pt)")
 
 
+def add_speed_arguments(parser):
+    """The network's numerics: ``--precision`` and ``--channels_last`` (inference and evaluate)."""
+    from utils.cli import add_bool_flag
+
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                        help="bf16: autocast the network (not the STFTs) to bfloat16; fast on GPUs and on "
+                             "CPUs with bfloat16 units (AVX512-BF16, AMX)")
+    add_bool_flag(parser, "--channels_last", default=False,
+                  help="run the convolutions in channels_last memory format (faster on CPUs, above all "
+                       "with bf16; same results to float rounding)")
+
+
 # ---- files -------------------------------------------------------------------------------------
 def result_names(stem, modes, many):
     """Output file names (without folder) per mode: result.wav, result_org.wav, x-result.wav, ..."""
