@@ -4,13 +4,16 @@ than real time) of the network alone and of the whole ``inference.py`` process, 
 
 (a) the model alone: ``Separator.mask`` (the network under the separator's autocast) on the
     mixture's magnitude [1, T, F] already on the device, the whole length in one call
-    (T = 301 / 6001 frames): variants ``model-fp32`` (baseline), ``model-bf16``, ``model-fp32-cl``
-    (``train.channels_last``, the conv stack in channels_last);
+    (T = 301 / 6001 frames), the network prepared as ``inference.py`` prepares it (batch norms
+    folded into the convolutions): variants ``model-fp32`` (baseline: ``inference.py``'s default),
+    ``model-fp32-bn`` (batch norms not folded: the training network in eval mode, as before
+    folding), ``model-fp32-cl`` (``--channels_last``), ``model-bf16`` (``--precision bf16``),
+    ``model-bf16-cl`` (both);
 (b) the whole process: ``inference.py -e resemblyzer`` run as a user runs it (interpreter and
     imports, checkpoint and embedder loading, audio reading, reference d-vector, STFTs, the
     network in chunks of 30 s + 2 x 3 s context for the long mixture, writing the result):
-    variants ``process-fp32`` (baseline) and ``process-bf16`` (``--precision bf16``); a fresh
-    ``inference.py`` per mixture.
+    variants ``process-fp32`` (baseline) and ``process-bf16-cl`` (``--precision bf16
+    --channels_last``); a fresh ``inference.py`` per mixture.
 
 The weights are random (a VoiceFilter saved in the original checkpoint format, as
 tests/test_inference.py builds one): speed does not depend on them. The audio is real speech
@@ -46,12 +49,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402  (after the path tweak: run as ``python bench/bench_inference.py``)
 
-VARIANTS = {  # name: (kind, precision, channels_last)
-    "model-fp32": ("model", "fp32", False),
-    "model-bf16": ("model", "bf16", False),
-    "model-fp32-cl": ("model", "fp32", True),
-    "process-fp32": ("process", "fp32", False),
-    "process-bf16": ("process", "bf16", False),
+VARIANTS = {  # name: (kind, precision, channels_last, batch norms folded)
+    "model-fp32": ("model", "fp32", False, True),
+    "model-fp32-bn": ("model", "fp32", False, False),
+    "model-fp32-cl": ("model", "fp32", True, True),
+    "model-bf16": ("model", "bf16", False, True),
+    "model-bf16-cl": ("model", "bf16", True, True),
+    "process-fp32": ("process", "fp32", False, True),
+    "process-bf16-cl": ("process", "bf16", True, True),
 }
 RATE = 16000
 REFERENCE_SECONDS = 5.0  # the reference recording is cut to this length
@@ -166,7 +171,7 @@ def startup_cost(args):
 
 
 # ---- one variant (child process) ---------------------------------------------------------------
-def run_model(args, files, precision, channels_last, device):
+def run_model(args, files, precision, channels_last, fold, device):
     import torch
 
     from model.model import VoiceFilter
@@ -175,9 +180,12 @@ def run_model(args, files, precision, channels_last, device):
     from utils.separation import Separator
 
     hp = HParam(args.config)
-    hp.train.channels_last = channels_last
     torch.manual_seed(0)
-    model = VoiceFilter(hp).to(device).eval()
+    model = VoiceFilter(hp).to(device)
+    if fold:
+        model.for_inference(channels_last)
+    else:
+        model.eval().channels_last = channels_last
     separator = Separator(hp, model, None, device, precision=precision)
     audio = Audio(hp)
     dvec = torch.nn.functional.normalize(torch.randn(1, hp.embedder.emb_dim, device=device), dim=1)
@@ -194,13 +202,14 @@ def run_model(args, files, precision, channels_last, device):
     return {**result, **common.process_stats(device)}
 
 
-def run_process(args, files, precision):
+def run_process(args, files, precision, channels_last):
     result = {"peak_rss_mb": 0.0}
     for seconds, path in files["mixtures"].items():
         with tempfile.TemporaryDirectory(prefix="out_", dir=args.workdir) as out:  # the parent removes it too
             run = common.run_tool([sys.executable, "inference.py", "-c", args.config, "-e", "resemblyzer",
                                    "--checkpoint_path", files["checkpoint"], "-m", path, "-r", files["reference"],
-                                   "-o", out, "--device", args.device, "--precision", precision])
+                                   "-o", out, "--device", args.device, "--precision", precision,
+                                   "--channels_last", str(channels_last)])
         result[f"s_{seconds}"] = run.seconds
         result[f"rtf_{seconds}"] = run.seconds / float(seconds)
         result[f"rss_{seconds}"] = round(run.peak_rss_mb, 1)
@@ -211,12 +220,12 @@ def run_process(args, files, precision):
 
 
 def run_variant(args, name):
-    kind, precision, channels_last = VARIANTS[name]
+    kind, precision, channels_last, fold = VARIANTS[name]
     files = json.loads(Path(args.workdir, "files.json").read_text())
     device = common.pick(args.device)
     if kind == "model":
-        return run_model(args, files, precision, channels_last, device)
-    return run_process(args, files, precision)
+        return run_model(args, files, precision, channels_last, fold, device)
+    return run_process(args, files, precision, channels_last)
 
 
 # ---- the parent ----------------------------------------------------------------------------------

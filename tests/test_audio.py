@@ -131,6 +131,18 @@ def test_save_wav_is_atomic_and_float(tmp_path):
     info = sf.info(path)
     assert info.subtype == "FLOAT" and info.samplerate == 16000
     assert [p.name for p in path.parent.iterdir()] == ["r.wav"]
+    np.testing.assert_array_equal(sf.read(path, dtype="float32")[0], tone(0.5).astype(np.float32))
+
+
+def test_float_wav_bytes_depend_only_on_the_audio(tmp_path):
+    """No PEAK chunk with the time of writing: a rerun gives byte-identical files."""
+    import time
+
+    save_wav(tmp_path / "a.wav", tone(0.5))
+    time.sleep(1.1)  # the chunk's timestamp counts seconds
+    save_wav(tmp_path / "b.wav", tone(0.5))
+    assert (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
+    assert b"PEAK" not in (tmp_path / "a.wav").read_bytes()
 
 
 def test_written_files_get_the_usual_permissions(tmp_path):

@@ -82,18 +82,36 @@ def load_wav(path, sample_rate=16000):
 def save_wav(path, wav, sample_rate=16000, subtype="FLOAT"):
     """Write a mono WAV atomically (temporary file, then rename).
 
-    Float WAV by default, as the original's ``librosa.output.write_wav`` wrote. Float WAVs are
-    written by scipy: libsndfile adds a PEAK chunk with a timestamp, which would make the same
-    audio give different bytes from one run to the next.
+    Float WAV by default, as the original's ``librosa.output.write_wav`` wrote. The same
+    audio always gives the same bytes (see :func:`_write_float_wav`).
     """
     wav = np.asarray(wav, dtype=np.float32)
     with atomic_path(path) as tmp:
         if subtype == "FLOAT":
-            import scipy.io.wavfile  # here: importing it pulls in scipy.sparse, a noticeable start-up cost
-
-            scipy.io.wavfile.write(tmp, sample_rate, wav)
+            _write_float_wav(tmp, wav, sample_rate)
         else:
             sf.write(tmp, wav, sample_rate, subtype=subtype, format="WAV")
+
+
+_SFC_SET_ADD_PEAK_CHUNK = 0x1050  # libsndfile's sf_command() code (sndfile.h)
+
+
+def _write_float_wav(path, wav, sample_rate):
+    """libsndfile puts a PEAK chunk holding the time of writing into float WAVs, so the same audio
+    would give different bytes on every run; it is switched off through libsndfile's command
+    interface, which soundfile keeps private. Where that is missing, scipy writes the file (same
+    samples, but importing scipy.io costs ~0.2 s of start-up)."""
+    lib, ffi = getattr(sf, "_snd", None), getattr(sf, "_ffi", None)
+    if lib is not None and ffi is not None:
+        with sf.SoundFile(path, "w", sample_rate, 1, subtype="FLOAT", format="WAV") as f:
+            handle = getattr(f, "_file", None)
+            if handle is not None:
+                lib.sf_command(handle, _SFC_SET_ADD_PEAK_CHUNK, ffi.NULL, 0)
+                f.write(wav)
+                return
+    import scipy.io.wavfile
+
+    scipy.io.wavfile.write(path, sample_rate, wav)
 
 
 class Audio:
