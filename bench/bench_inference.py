@@ -22,13 +22,12 @@ and summed; the reference is another utterance of the first), or synthetic voice
 folder is absent (the table says so). A line before the tables gives the start-up cost:
 ``python inference.py --help`` (interpreter + imports), which dominates short clips.
 
-Duration at the defaults (config/default.yaml) on the 2-core development machine (no native
-bf16): the fp32 variants take 1-3 minutes each (a 60 s mask is about a minute); a bf16 forward
-pass of one 3 s clip took about 800 s there (4 s in fp32; 1 thread, busy machine), so
-``model-bf16`` and ``process-bf16`` reach the default 600 s per-variant timeout ("timeout after
-600 s", with any figures finished before): about 30 minutes in all, 20 of them in the two bf16
-timeouts (``--variants model-fp32 model-fp32-cl process-fp32`` skips them). ``--quick``
-(config/tiny.yaml): about 2 minutes.
+Duration at the defaults (config/default.yaml) on the 2-core development CPU (AMD EPYC with
+AVX512-BF16): about 4 minutes for all variants, most of it the 60 s mixtures. On a CPU without
+bf16 units bf16 is emulated: one bf16 forward pass of a 3 s clip took about 800 s on such a
+machine, so the bf16 variants reach the default 600 s per-variant timeout there ("timeout after
+600 s", with any figures finished before; ``--variants model-fp32 model-fp32-bn model-fp32-cl
+process-fp32`` skips them). ``--quick`` (config/tiny.yaml): about 2 minutes.
 
     .venv/bin/python bench/bench_inference.py
     .venv/bin/python bench/bench_inference.py --quick

@@ -20,13 +20,11 @@ The inputs are random: the speed of dense convolutions, an LSTM and Adam does no
 the values. Default size (config/default.yaml): 601 frequency bins, 3 s -> 301 frames, 64 conv
 channels, batch 8.
 
-Duration on the 2-core AMD EPYC of the development machine (no AVX512-BF16/AMX, so bf16 runs
-emulated): an fp32 step takes about 40 s, so with the default 1 warm-up + 3 timed steps an fp32
-variant needs 3-4 minutes. bf16 at the default size is far slower there: one bf16 forward pass
-of a single 3 s clip took about 800 s, against 4 s in fp32 (1 thread, busy machine), so the
-bf16 variants reach the default 600 s per-variant timeout before a step finishes and show as
-"timeout after 600 s" (a variant stopped after some timed steps shows its figures so far). In
-all about 30 minutes, 20 of them in the two bf16 timeouts (``--variants fp32 fp32-cl
+Duration on the 2-core development CPU (AMD EPYC with AVX512-BF16): an fp32 step takes about
+22 s and a bf16 step 12 s, so ``--steps 2`` (1 warm-up) runs all five variants in about 6
+minutes. On a CPU without bf16 units (AVX2 only) bf16 is emulated and far slower: one bf16
+forward pass of a single 3 s clip took about 800 s there, so the bf16 variants reach the
+default 600 s per-variant timeout and show as "timeout after 600 s" (``--variants fp32 fp32-cl
 fp32-dvec-step`` skips them).
 ``--quick`` (config/tiny.yaml, 2 steps) takes 2-3 minutes.
 
