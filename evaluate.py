@@ -70,7 +70,7 @@ def main(argv=None):
                                channels_last=args.channels_last, batch_size=args.batch_size, eps=args.inv_div_eps)
     meta = {"config": str(args.config), "checkpoint": str(args.checkpoint_path), "embedder": str(args.embedder),
             "embedder_name": separator.embedder.name, "device": str(device), "precision": args.precision,
-            "channels_last": args.channels_last}
+            "channels_last": separator.model.channels_last}
     report = run_evaluation(separator, test_dir, args.out_dir, modes, args.factor, limit=args.limit,
                             reversed_flag=args.reversed, jobs=args.jobs, progress=True, meta=meta)
     print(format_table(report["modes"]))

@@ -76,8 +76,7 @@ def main(argv=None):
     separator = load_separator(hp, args.checkpoint_path, args.embedder, pick_device(args.device),
                                precision=args.precision, channels_last=args.channels_last,
                                chunk_seconds=args.chunk_seconds, overlap_seconds=args.overlap_seconds,
-                               batch_size=args.batch_size,
-                               eps=args.inv_div_eps)
+                               batch_size=args.batch_size, eps=args.inv_div_eps)
     written = separate_files(separator, inputs, references, args.out_dir, modes, factor=args.factor,
                              plot=args.plot, progress=len(inputs) > 1)
     for path in written:

@@ -179,12 +179,10 @@ def run_model(args, files, precision, channels_last, fold, device):
     from utils.separation import Separator
 
     hp = HParam(args.config)
+    hp.train.channels_last = channels_last
     torch.manual_seed(0)
     model = VoiceFilter(hp).to(device)
-    if fold:
-        model.for_inference(channels_last)
-    else:
-        model.eval().channels_last = channels_last
+    model = model.for_inference() if fold else model.eval()
     separator = Separator(hp, model, None, device, precision=precision)
     audio = Audio(hp)
     dvec = torch.nn.functional.normalize(torch.randn(1, hp.embedder.emb_dim, device=device), dim=1)

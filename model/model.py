@@ -66,14 +66,15 @@ class VoiceFilter(nn.Module):
     def for_inference(self, channels_last=False):
         """Eval mode with each batch norm folded into its convolution (one pass over the
         activations less per layer; the masks agree with the unfolded network to float
-        rounding), optionally in channels_last memory format. Done after loading weights:
-        the folded network has no batch-norm parameters and cannot be trained further."""
+        rounding), in channels_last memory format when asked for or when the config set
+        ``train.channels_last``. Done after loading weights: the folded network has no
+        batch-norm parameters and cannot be trained further."""
         self.eval()
         layers = list(self.conv)
         for i, (conv, norm) in enumerate(zip(layers, layers[1:], strict=False)):
             if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
                 self.conv[i], self.conv[i + 1] = fuse_conv_bn_eval(conv, norm), nn.Identity()
-        self.channels_last = bool(channels_last)
+        self.channels_last = self.channels_last or bool(channels_last)
         if self.channels_last:
             self.to(memory_format=torch.channels_last)
         return self

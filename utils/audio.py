@@ -101,17 +101,14 @@ def _write_float_wav(path, wav, sample_rate):
     would give different bytes on every run; it is switched off through libsndfile's command
     interface, which soundfile keeps private. Where that is missing, scipy writes the file (same
     samples, but importing scipy.io costs ~0.2 s of start-up)."""
-    lib, ffi = getattr(sf, "_snd", None), getattr(sf, "_ffi", None)
-    if lib is not None and ffi is not None:
-        with sf.SoundFile(path, "w", sample_rate, 1, subtype="FLOAT", format="WAV") as f:
-            handle = getattr(f, "_file", None)
-            if handle is not None:
-                lib.sf_command(handle, _SFC_SET_ADD_PEAK_CHUNK, ffi.NULL, 0)
-                f.write(wav)
-                return
-    import scipy.io.wavfile
+    if not (hasattr(sf, "_snd") and hasattr(sf, "_ffi")):
+        import scipy.io.wavfile
 
-    scipy.io.wavfile.write(path, sample_rate, wav)
+        scipy.io.wavfile.write(path, sample_rate, wav)
+        return
+    with sf.SoundFile(path, "w", sample_rate, 1, subtype="FLOAT", format="WAV") as f:
+        sf._snd.sf_command(f._file, _SFC_SET_ADD_PEAK_CHUNK, sf._ffi.NULL, 0)
+        f.write(wav)
 
 
 class Audio:

@@ -95,7 +95,8 @@ def config_mismatches(hp_str, hp):
 
 def load_model(hp, checkpoint_path, device, channels_last=False):
     """A VoiceFilter on ``device`` with the checkpoint's weights, ready for inference
-    (:meth:`VoiceFilter.for_inference`: batch norms folded, optionally channels_last).
+    (:meth:`VoiceFilter.for_inference`: batch norms folded; channels_last when asked for or
+    when the config sets ``train.channels_last``).
 
     A checkpoint that does not fit the config is a :class:`UserError` asking for
     the training config; a config that fits but differs from the checkpoint's

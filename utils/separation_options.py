@@ -6,6 +6,7 @@ file answer at once, before the deep-learning stack is imported (about 1.5 s).
 import argparse
 from pathlib import Path
 
+from utils.cli import add_bool_flag
 from utils.errors import UserError
 
 MASK_MODES = ("org", "inv_div", "inv_sub")
@@ -76,14 +77,12 @@ def add_model_arguments(parser):
 
 def add_speed_arguments(parser):
     """The network's numerics: ``--precision`` and ``--channels_last`` (inference and evaluate)."""
-    from utils.cli import add_bool_flag
-
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                         help="bf16: autocast the network (not the STFTs) to bfloat16; fast on GPUs and on "
                              "CPUs with bfloat16 units (AVX512-BF16, AMX)")
     add_bool_flag(parser, "--channels_last", default=False,
                   help="run the convolutions in channels_last memory format (faster on CPUs, above all "
-                       "with bf16; same results to float rounding)")
+                       "with bf16; same results to float rounding); also on where the config sets train.channels_last")
 
 
 # ---- files -------------------------------------------------------------------------------------
