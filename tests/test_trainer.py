@@ -7,6 +7,7 @@ original-format ``embedder.pt`` with random weights (lstm_hidden 16).
 """
 import os
 import random
+import shutil
 import signal
 import struct
 import subprocess
@@ -241,6 +242,13 @@ def test_config_change_warns_and_wrong_shape_fails(data, caplog):
     with caplog.at_level("WARNING"):
         assert train(data, "cc2", changed, "--checkpoint_path", ckpt) == 0
     assert "train.adam: 0.001 -> 0.0005" in caplog.text
+    caplog.clear()
+    moved = data / "moved"
+    if not moved.exists():
+        shutil.copytree(data / "train", moved)
+    with caplog.at_level("WARNING"):  # another data folder and a longer run: nothing to warn about
+        assert train(data, "cc4", base, "--checkpoint_path", ckpt, "--train_dir", str(moved), "--max_steps", "2") == 0
+    assert "different from checkpoint" not in caplog.text
     wrong = write_config(data / "cc3.yaml", {"model": {"lstm_dim": 32}, "train": {"max_steps": 2}})
     with pytest.raises(UserError, match="does not fit the config"):
         train(data, "cc3", wrong, "--checkpoint_path", ckpt)

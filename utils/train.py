@@ -51,6 +51,9 @@ BEST_NAME = "best.pt"
 CONFIG_NAME = "config.yaml"
 LOG_FORMAT = "%(asctime)s - %(levelname)s - %(message)s"  # the original's
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# Where the data lie and when to stop are not hyper-parameters: a resume that changes only
+# these (a moved data folder, a longer run) is not warned about.
+NOT_HYPERPARAMETERS = ("train.max_steps:", "data.train_dir:", "data.test_dir:")
 
 
 class TrainingDiverged(RuntimeError):
@@ -240,7 +243,7 @@ def resume(path, model, optimizer, scaler, hp, embedder_name, batches_per_epoch,
     diffs = config_differences(state.get("hp_str"), hp)
     if diffs is None:
         logger.warning("the checkpoint's config cannot be read; using the given config")
-    elif [d for d in diffs if not d.startswith("train.max_steps:")]:
+    elif [d for d in diffs if not d.startswith(NOT_HYPERPARAMETERS)]:
         logger.warning("New hparams is different from checkpoint (using the new ones): %s", "; ".join(diffs))
     if "optimizer" not in state:
         logger.warning("%s holds no optimizer state: the optimizer starts afresh", path)
