@@ -25,7 +25,7 @@ from datasets.dataloader import ResumableSampler, build_dataset
 from model.embedder import SpeechEmbedder, load_embedder
 from trainer import main as trainer_main
 from utils.audio import Audio, save_wav
-from utils.checkpoint import load_checkpoint, save_checkpoint
+from utils.checkpoint import compact_checkpoint, load_checkpoint, save_checkpoint
 from utils.dvec_cache import cache_path
 from utils.errors import UserError
 from utils.hparams import HParam
@@ -213,6 +213,31 @@ def test_resume_is_exact(data):
         assert all(torch.equal(a[k], b[k]) for k in a)
     # step 3 is mid-epoch (4 batches per epoch): the position was restored, not guessed
     assert load_checkpoint(chkpt / "straight" / "chkpt_3.pt")["batch_in_epoch"] == 3
+
+
+def test_compact_checkpoint_halves_the_file_and_resumes_close(data):
+    config = write_config(data / "compact.yaml", {"train": {"max_steps": 6, "checkpoint_interval": 3}})
+    assert train(data, "full", config) == 0
+    full = data / "chkpt" / "full" / "chkpt_3.pt"
+    small = compact_checkpoint(full, data / "compact-3.pt")
+    assert small.stat().st_size < 0.6 * full.stat().st_size
+    before, after = load_checkpoint(full), load_checkpoint(small)
+    assert after["model"]["fc2.weight"].dtype == torch.float16
+    assert after["model"]["conv.2.num_batches_tracked"].dtype == torch.int64
+    moments = next(iter(after["optimizer"]["state"].values()))
+    assert moments["exp_avg_sq"].dtype == torch.bfloat16
+    assert torch.equal(moments["step"], next(iter(before["optimizer"]["state"].values()))["step"])
+    assert after["step"] == 3 and after["batch_in_epoch"] == before["batch_in_epoch"]
+    assert torch.equal(after["rng"]["torch"], before["rng"]["torch"])
+    for key, value in before["model"].items():  # float16 rounding: a relative 5e-4 at most
+        assert torch.allclose(after["model"][key].float(), value.float(), rtol=1e-3, atol=1e-6), key
+    # resuming from the compact file continues the run, close to resuming from the full one
+    assert train(data, "from-small", config, "--checkpoint_path", str(small)) == 0
+    ref, got = _weights(data / "chkpt" / "full" / "chkpt_6.pt"), _weights(data / "chkpt" / "from-small" / "chkpt_6.pt")
+    assert got["fc2.weight"].dtype == torch.float32
+    for key, value in ref.items():
+        if value.is_floating_point():
+            assert (got[key] - value).abs().max() < 0.01, key
 
 
 def test_bf16_on_cpu(data):

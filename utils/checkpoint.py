@@ -29,6 +29,24 @@ def save_checkpoint(state, path):
     return path
 
 
+def compact_checkpoint(src, dst):
+    """Copy a training checkpoint with its floating-point tensors in 16 bits, half the size:
+    the weights in float16 (finer steps), the optimizer's moments in bfloat16 (float32's range,
+    which Adam's squared gradients need). Loading casts them back to the model's float32, and
+    the run resumes as from the original file up to that rounding."""
+    state = load_checkpoint(src)
+    state["model"] = {k: _to_16_bits(v, torch.float16) for k, v in state["model"].items()}
+    for param_state in state.get("optimizer", {}).get("state", {}).values():
+        for key, value in param_state.items():
+            if key != "step":  # Adam's step counter stays exact
+                param_state[key] = _to_16_bits(value, torch.bfloat16)
+    return save_checkpoint(state, dst)
+
+
+def _to_16_bits(value, dtype):
+    return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+
+
 def load_checkpoint(path, map_location="cpu"):
     """Read a checkpoint dict; a missing, corrupt or foreign file is a :class:`UserError`."""
     path = Path(path)
