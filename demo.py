@@ -3,16 +3,25 @@
 corpus -> generator.py -> trainer.py -> inference.py (three mask modes) -> evaluate.py,
 each run as the real command a user types, into ``demo/`` (or ``--out``).
 Nothing is downloaded. Rerunning reuses what is already there.
+
+VoiceFilter stays on a constant-mask plateau for its first ~3500 steps, an hour of two
+CPU cores, so by default the trainer resumes from ``assets/demo-tiny-6000.pt``: the
+checkpoint of ``python demo.py --from_scratch --steps 6000 --export FILE`` (this same
+corpus, mixtures and config), shipped with the repository. ``--from_scratch`` trains
+from random weights instead.
 """
-import argparse
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from utils.cli import UserErrorParser, add_bool_flag
+
 ROOT = Path(__file__).resolve().parent
 CONFIG = ROOT / "config" / "tiny.yaml"
+PRETRAINED = ROOT / "assets" / "demo-tiny-6000.pt"
+PRETRAINED_STEPS = 6000
 
 
 def run(step, args):
@@ -28,17 +37,29 @@ def run(step, args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = UserErrorParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo", help="folder for everything the demo writes")
-    parser.add_argument("--steps", type=int, default=200, help="training steps")
-    parser.add_argument("--train_size", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=200,
+                        help=f"training steps of this run, after the shipped checkpoint's {PRETRAINED_STEPS} "
+                             f"unless --from_scratch (default 200)")
+    add_bool_flag(parser, "--from_scratch", help="train from random weights, not from the shipped checkpoint")
+    parser.add_argument("--export", default=None, metavar="FILE",
+                        help="also write the final checkpoint, in 16 bits, to FILE (how the shipped one was made)")
+    parser.add_argument("--train_size", type=int, default=3000)
     parser.add_argument("--test_size", type=int, default=40)
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.train_size < 1 or args.test_size < 1:
+        parser.error("--steps, --train_size and --test_size must be positive")
+    if not args.from_scratch and not PRETRAINED.is_file():
+        print(f"demo: the shipped checkpoint {PRETRAINED} is missing (restore it with git, or pass "
+              f"--from_scratch)", file=sys.stderr)
+        return 1
 
     out = Path(args.out).resolve()
     corpus, data = out / "librispeech", out / "data"
-    name = "demo"
-    chkpt = out / "chkpt" / name / f"chkpt_{args.steps}.pt"
+    name = "demo-scratch" if args.from_scratch else "demo"
+    last_step = args.steps if args.from_scratch else PRETRAINED_STEPS + args.steps
+    chkpt = out / "chkpt" / name / f"chkpt_{last_step}.pt"
     started = time.perf_counter()
 
     run("synthetic corpus", ["-m", "utils.demo_corpus", "-o", corpus])
@@ -46,9 +67,14 @@ def main(argv=None):
                               "--train_size", args.train_size, "--test_size", args.test_size,
                               "--train_subsets", "train-clean-100", "--reverse_data", "False"])
     if not chkpt.exists():
+        resume = [] if args.from_scratch else ["--checkpoint_path", PRETRAINED]
         run("train", ["trainer.py", "-c", CONFIG, "-e", "resemblyzer", "-m", name, "-b", out,
                       "--train_dir", data / "train", "--test_dir", data / "test",
-                      "--max_steps", args.steps, "--device", "cpu"])
+                      "--max_steps", last_step, "--device", "cpu", *resume])
+    if args.export:
+        from utils.checkpoint import compact_checkpoint  # here: torch loads only when needed
+        compact_checkpoint(chkpt, args.export)
+        print(f"\nwrote {args.export} (the checkpoint at step {last_step}, 16-bit)")
     sample = "000000"
     mixed, target = data / "test" / f"{sample}-mixed.wav", data / "test" / f"{sample}-target.wav"
     reference = (data / "test" / f"{sample}-dvec.txt").read_text().strip()
