@@ -4,8 +4,8 @@ corpus -> generator.py -> trainer.py -> inference.py (three mask modes) -> evalu
 each run as the real command a user types, into ``demo/`` (or ``--out``).
 Nothing is downloaded. Rerunning reuses what is already there.
 
-VoiceFilter stays on a constant-mask plateau for its first ~3500 steps, an hour of two
-CPU cores, so by default the trainer resumes from ``assets/demo-tiny-6000.pt``: the
+VoiceFilter stays on a constant-mask plateau for its first ~3500 steps, half an hour of
+two CPU cores, so by default the trainer resumes from ``assets/demo-tiny-6000.pt``: the
 checkpoint of ``python demo.py --from_scratch --steps 6000 --export FILE`` (this same
 corpus, mixtures and config), shipped with the repository. ``--from_scratch`` trains
 from random weights instead.

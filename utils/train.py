@@ -53,7 +53,7 @@ LOG_FORMAT = "%(asctime)s - %(levelname)s - %(message)s"  # the original's
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # Where the data lie and when to stop are not hyper-parameters: a resume that changes only
 # these (a moved data folder, a longer run) is not warned about.
-NOT_HYPERPARAMETERS = ("train.max_steps:", "data.train_dir:", "data.test_dir:")
+NOT_HYPERPARAMETERS = {"train.max_steps", "data.train_dir", "data.test_dir"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -224,12 +224,13 @@ def write_config_copy(chkpt_dir, hp):
 
 
 def config_differences(old_hp_str, hp):
-    """``['train.adam: 0.001 -> 0.0005', ...]``; None when the old config cannot be read."""
+    """``['train.adam: 0.001 -> 0.0005', ...]``, hyper-parameters only (not NOT_HYPERPARAMETERS);
+    None when the old config cannot be read."""
     try:
         changes = config_changes(old_hp_str or "", hp)
     except UserError:
         return None
-    return [f"{k}: {old!r} -> {new!r}" for k, old, new in changes]
+    return [f"{k}: {old!r} -> {new!r}" for k, old, new in changes if k not in NOT_HYPERPARAMETERS]
 
 
 def resume(path, model, optimizer, scaler, hp, embedder_name, batches_per_epoch, world_size):
@@ -243,7 +244,7 @@ def resume(path, model, optimizer, scaler, hp, embedder_name, batches_per_epoch,
     diffs = config_differences(state.get("hp_str"), hp)
     if diffs is None:
         logger.warning("the checkpoint's config cannot be read; using the given config")
-    elif [d for d in diffs if not d.startswith(NOT_HYPERPARAMETERS)]:
+    elif diffs:
         logger.warning("New hparams is different from checkpoint (using the new ones): %s", "; ".join(diffs))
     if "optimizer" not in state:
         logger.warning("%s holds no optimizer state: the optimizer starts afresh", path)
