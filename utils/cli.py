@@ -62,3 +62,24 @@ def setup_console_logging(level=logging.INFO):
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
 
+
+
+def add_threads_flag(parser):
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="CPU threads for torch (default: torch's choice, one per core, or OMP_NUM_THREADS). "
+                             "On a machine shared with other jobs fewer threads can be much faster: try 1")
+
+
+def apply_threads(threads, log=None):
+    """Set torch's intra-op thread count (``--threads``; None keeps torch's default) and say how
+    many are used, so a slow run on a loaded machine shows why. Returns the count in effect."""
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise UserError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+    count = torch.get_num_threads()
+    (log or logging.getLogger(__name__)).info(
+        "using %d CPU thread(s)%s", count, "" if threads is not None else " (--threads N to change)")
+    return count
