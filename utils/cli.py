@@ -49,6 +49,24 @@ def pick_device(name="auto"):
     return torch.device(name)
 
 
+def check_writable_dir(path, flag):
+    """Create folder ``path`` if needed and prove it writable now, before any compute: a run that
+    would only fail when writing its results is one line naming the flag (exit 2) instead."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", suffix=".tmp", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UserError(f"cannot write to {flag} folder {path}: {err.strerror or err}") from None
+    return path
+
+
 class UserErrorParser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line (argparse's own usage + error, exit 2)."""
 

@@ -19,6 +19,13 @@ class UserError(Exception):
     exit_code = EXIT_USER_ERROR  # subclasses for other failures (a download) set their own
 
 
+class TrainingDiverged(UserError):
+    """The loss became NaN/inf or exceeded the limit: the run stops without writing a checkpoint.
+    Not the user's typo, but reported the same way: one line, and exit status 1."""
+
+    exit_code = 1
+
+
 def run_cli(main, argv=None, interrupted="interrupted"):
     """Call ``main(argv)``; print a ``UserError`` as one line and exit with its ``exit_code``
     (2 unless the error says otherwise).
