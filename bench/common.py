@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # the scripts run as ``python bench/x.py``: make ``utils``, ``model`` importable
     sys.path.insert(0, str(ROOT))
@@ -121,51 +123,18 @@ def machine_line(info):
 
 # ---- memory ------------------------------------------------------------------------------------
 def peak_rss_mb():
-    """This process's peak resident memory (VmHWM), in MB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-
-
-def _tree_pids(root_pid):
-    """``root_pid`` and all its descendants (from /proc/*/stat)."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            parents.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
-    found, todo = [], [root_pid]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(parents.get(pid, []))
-    return found
-
-
-def _proc_kb(pid, name, field):
-    """A "Field:  N kB" line of /proc/PID/<name> (0 when the process is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
-            if line.startswith(field):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    """This process's peak resident memory, in MB. The kernel's high-water mark (getrusage's
+    ru_maxrss, kB on Linux): psutil reports the current RSS only, which would miss the peak."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 class TreeMemory:
-    """Samples a process and its descendants (generator workers) every ``interval`` s.
+    """Samples a process and its descendants (generator workers) every ``interval`` s, with psutil.
 
     ``peak_mb``: the highest sum of their PSS (proportional set size: pages shared by forked
-    workers, such as torch's, counted once); ``largest_mb``: the largest peak RSS (VmHWM) of
-    any one of them. Sampling can miss a short spike, or a worker that lives under ``interval``.
+    workers, such as torch's, counted once; where the platform has no PSS, RSS); ``largest_mb``:
+    the largest RSS of any one of them. Sampling can miss a short spike, or a worker that lives
+    under ``interval``; the command's own exact peak comes from ``os.wait4`` (see run_tool).
     """
 
     def __init__(self, pid, interval=0.2):
@@ -173,16 +142,29 @@ class TreeMemory:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _sample(self):
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return
+        total = 0
+        for proc in procs:
+            try:
+                mem = proc.memory_full_info()
+            except psutil.Error:  # exited between the listing and the reading, or not ours to read
+                continue
+            total += getattr(mem, "pss", mem.rss)
+            self.largest_mb = max(self.largest_mb, mem.rss / 2**20)
+        self.peak_mb = max(self.peak_mb, total / 2**20)
+
     def _run(self):
         while not self._stop.is_set():
-            pids = _tree_pids(self.pid)
-            self.peak_mb = max(self.peak_mb, sum(_proc_kb(p, "smaps_rollup", "Pss:") for p in pids) / 1024)
-            self.largest_mb = max([self.largest_mb] + [_proc_kb(p, "status", "VmHWM:") / 1024 for p in pids])
+            self._sample()
             self._stop.wait(self.interval)
 
     def __enter__(self):
-        if Path("/proc/self/smaps_rollup").exists():
-            self._thread.start()
+        self._thread.start()
         return self
 
     def __exit__(self, *exc):
@@ -229,17 +211,24 @@ def synchronize(device):
 
 def time_call(fn, device, warmup=1, repeats=3, on_repeat=None):
     """Seconds of each of ``repeats`` calls of ``fn()`` after ``warmup`` untimed ones (the first
-    calls pay for kernel selection and allocation); the GPU is synchronized around each call.
-    ``on_repeat(times so far)`` is called after each timed call (for partial results)."""
+    calls pay for kernel selection and allocation).
+
+    Each call is timed by ``torch.utils.benchmark.Timer`` (it synchronizes CUDA around the
+    statement), with this process's thread count (the Timer's default is one thread). The calls
+    are timed one at a time rather than with ``blocked_autorange`` because a default-size training
+    step takes tens of seconds on a CPU: ``on_repeat(times so far)`` is called after each one, so
+    a variant stopped by its timeout still reports the steps it finished.
+    """
+    import torch
+    from torch.utils.benchmark import Timer
+
     for _ in range(warmup):
         fn()
     synchronize(device)
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append(timer.timeit(1).mean)
         if on_repeat is not None:
             on_repeat(times)
     return times
@@ -385,7 +374,7 @@ def report(title, info, table, notes=(), json_path=None, payload=None):
     for note in notes:
         print(f"\n{note}")
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps({"title": title, "machine": info, **(payload or {})}, indent=1)
-                                   + "\n")
+        from utils.atomic import write_text
+
+        write_text(json_path, json.dumps({"title": title, "machine": info, **(payload or {})}, indent=1) + "\n")
         print(f"\n(results written to {json_path})")

@@ -1,0 +1,28 @@
+"""The benchmarks' measuring tools: memory of a process tree (psutil) and per-call timing."""
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "bench"))
+import common  # noqa: E402
+
+ALLOCATE = ("import numpy as np, subprocess, sys, time; a = np.ones({n}); "
+            "subprocess.run([sys.executable, '-c', 'import numpy as np, time; b = np.ones({n}); time.sleep(1.0)']); "
+            "time.sleep(0.3)")
+
+
+def test_run_tool_sees_the_memory_of_the_command_and_its_children():
+    n = 25_000_000  # 200 MB of float64 in the command, as much again in its child
+    run = common.run_tool([sys.executable, "-c", ALLOCATE.format(n=n)])
+    assert run.peak_rss_mb > 190                       # the command's own high-water mark
+    assert run.largest_rss_mb >= run.peak_rss_mb       # never below the exact figure
+    assert run.tree_pss_mb > 350                        # both processes at once, sampled while the child sleeps
+
+
+def test_time_call_times_each_repeat_and_reports_partials():
+    partials = []
+    times = common.time_call(lambda: time.sleep(0.05), torch.device("cpu"), warmup=1, repeats=3,
+                             on_repeat=lambda so_far: partials.append(list(so_far)))
+    assert len(times) == 3 and all(0.045 < t < 0.5 for t in times)
+    assert [len(p) for p in partials] == [1, 2, 3]
