@@ -11,9 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from utils import librispeech
+from prepare import librispeech
 from utils.errors import UserError
-from utils.librispeech import DownloadError
+from prepare.librispeech import DownloadError
 
 SUBSET = "dev-clean"
 FLAC = f"LibriSpeech/{SUBSET}/84/121123/84-121123-0000.flac"
@@ -235,7 +235,7 @@ def test_archive_of_another_subset_is_refused(tmp_path, server):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "utils.librispeech", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "prepare.librispeech", *args], capture_output=True, text=True,
                           timeout=120, env=NO_PROXY_ENV)
 
 

@@ -1,4 +1,4 @@
-"""normalize-resample.sh and utils.normalize: 16 kHz mono -norm.wav next to every .flac."""
+"""normalize-resample.sh and prepare.normalize: 16 kHz mono -norm.wav next to every .flac."""
 import os
 import shutil
 import subprocess
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from utils import normalize
+from prepare import normalize
 
 pytest.importorskip("ffmpeg_normalize")
 if not shutil.which("ffmpeg"):
@@ -133,7 +133,7 @@ def test_python_normalizes_skips_and_reports(tree):
 def run_python_cli(*args):
     env = {**os.environ, "PATH": "/usr/bin:/bin"}
     env.pop("FFMPEG_PATH", None)
-    return subprocess.run([sys.executable, "-m", "utils.normalize", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "prepare.normalize", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -3,7 +3,7 @@
 The Python twin of ``normalize-resample.sh`` (same command per file, same
 skip and failure rules), with a progress bar and usable from other code::
 
-    python -m utils.normalize ROOT [-j JOBS]
+    python -m prepare.normalize ROOT [-j JOBS]
 
 Each ``NAME.flac`` gets ``NAME-norm.wav`` next to it, made by
 ``ffmpeg-normalize NAME.flac -ar 16000 -ac 1`` (EBU R128 loudness
@@ -143,9 +143,9 @@ def normalize_tree(root: str | os.PathLike, jobs: int | None = None,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line interface of ``python -m utils.normalize``."""
+    """Command-line interface of ``python -m prepare.normalize``."""
     parser = argparse.ArgumentParser(
-        prog="python -m utils.normalize",
+        prog="python -m prepare.normalize",
         description="Write NAME-norm.wav (EBU R128 loudness-normalized, 16 kHz mono) next to every "
                     "NAME.flac below ROOT with ffmpeg-normalize.")
     parser.add_argument("root", help="folder to search for .flac files (e.g. the LibriSpeech root)")

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m utils.librispeech -o DIR [--subsets dev-clean train-clean-100 ...]
+    python -m prepare.librispeech -o DIR [--subsets dev-clean train-clean-100 ...]
                                 [--base-url URL] [--keep-archive] [--md5 SUBSET=HASH]
 
 Each subset ``S`` is fetched from ``{base_url}/S.tar.gz`` into ``DIR/S.tar.gz.part``,
@@ -331,9 +331,9 @@ def _parse_md5(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line interface of ``python -m utils.librispeech``."""
+    """Command-line interface of ``python -m prepare.librispeech``."""
     parser = argparse.ArgumentParser(
-        prog="python -m utils.librispeech",
+        prog="python -m prepare.librispeech",
         description="Download LibriSpeech subsets, verify their MD5 and extract them into "
                     "OUTPUT/LibriSpeech/SUBSET.")
     parser.add_argument("-o", "--output", required=True,
