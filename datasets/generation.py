@@ -133,7 +133,7 @@ def _no_speakers_hint(folders, pattern):
     for other in ("*.flac", "*.wav"):
         if other != pattern and any(next(Path(f).rglob(other), None) for f in folders):
             return (f"; the folders hold {other} files: run utils/normalize-resample.sh (or "
-                    f"python -m utils.normalize) or pass --input_glob '{other}'")
+                    f"python -m prepare.normalize) or pass --input_glob '{other}'")
     return ""
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from utils import demo_corpus
+from prepare import demo_corpus
+from utils.atomic import is_temporary
 
 SMALL = {"train-clean-100": (3, 2), "dev-clean": (2, 2)}
 DURATION = (1.5, 2.5)
@@ -39,7 +40,7 @@ def test_layout_follows_librispeech(small_corpus):
     train = set(summary["speakers"]["train-clean-100"])
     dev = set(summary["speakers"]["dev-clean"])
     assert len(train) == 3 and len(dev) == 2 and not train & dev
-    assert not list(Path(root).rglob("*.tmp"))
+    assert not [p for p in Path(root).rglob("*") if is_temporary(p.name) or p.name.endswith(".tmp")]
 
 
 def test_chapters_split_a_speaker(tmp_path):
@@ -161,7 +162,7 @@ def test_bad_arguments_are_value_errors(tmp_path, subsets, duration):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "utils.demo_corpus", *args],
+    return subprocess.run([sys.executable, "-m", "prepare.demo_corpus", *args],
                           capture_output=True, text=True, timeout=120)
 
 
@@ -179,6 +180,22 @@ def test_cli_bad_input_is_one_line(tmp_path):
     assert "Traceback" not in result.stderr
     malformed = run_cli("-o", str(tmp_path), "--speakers", "dev-clean")
     assert malformed.returncode == 2 and "SUBSET=SPEAKERSxUTTERANCES" in malformed.stderr
+
+
+def test_cli_bad_flag_is_one_error_line(tmp_path):
+    result = run_cli("-o", str(tmp_path / "out"), "--nonsense")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [result.stderr.splitlines()[-1]] and "--nonsense" in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_unwritable_output_is_one_line(tmp_path):
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    result = run_cli("-o", str(tmp_path / "file.txt" / "corpus"), "--speakers", "dev-clean=1x1", "-q")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: cannot write to -o folder") and result.stderr.count("\n") == 1
+    assert "Traceback" not in result.stderr
 
 
 

@@ -16,8 +16,8 @@ from conftest import LIBRI_MINI, ROOT, need
 import generator
 from datasets.generation import MAX_ATTEMPTS, Speakers, generate, magnitude, plan_candidates
 from datasets.samples import list_samples, read_manifest
+from prepare.demo_corpus import make_corpus
 from utils.audio import Audio
-from utils.demo_corpus import make_corpus
 from utils.errors import UserError, run_cli
 from utils.hparams import HParam
 

@@ -11,9 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from utils import librispeech
+from prepare import librispeech
+from prepare.librispeech import DownloadError
 from utils.errors import UserError
-from utils.librispeech import DownloadError
 
 SUBSET = "dev-clean"
 FLAC = f"LibriSpeech/{SUBSET}/84/121123/84-121123-0000.flac"
@@ -96,6 +96,14 @@ class Server:
         self.httpd.server_close()
 
 
+@pytest.fixture(autouse=True)
+def waits(monkeypatch):
+    """The waits between download tries, recorded instead of slept."""
+    slept = []
+    monkeypatch.setattr(librispeech, "_sleep", slept.append)
+    return slept
+
+
 @pytest.fixture
 def server(monkeypatch):
     for key in list(os.environ):
@@ -173,11 +181,22 @@ def test_complete_part_file_is_accepted(tmp_path, server):
     assert_extracted(tmp_path)
 
 
-def test_dropped_connection_is_resumed(tmp_path, server):
+def test_dropped_connection_is_resumed(tmp_path, server, waits):
     server.cut_first_after = 50_000
     fetch(tmp_path, server)
     assert server.requests == [(f"/{SUBSET}.tar.gz", None), (f"/{SUBSET}.tar.gz", "bytes=50000-")]
     assert_extracted(tmp_path)
+    assert waits == [librispeech.BACKOFF_S]  # a pause before resuming, not an immediate retry
+
+
+def test_retries_wait_longer_each_time(tmp_path, server, waits):
+    url = server.url
+    server.close()
+    with pytest.raises(DownloadError, match="cannot download"):
+        librispeech.download(f"{url}/{SUBSET}.tar.gz", tmp_path / "a.tar.gz", retries=5, progress=False)
+    assert len(waits) == 4 and waits[0] > 0  # no wait after the last try
+    assert all(later > earlier for earlier, later in zip(waits, waits[1:], strict=False))
+    assert waits[-1] <= librispeech.BACKOFF_MAX_S
 
 
 def test_http_error_is_one_sentence(tmp_path, server):
@@ -235,7 +254,7 @@ def test_archive_of_another_subset_is_refused(tmp_path, server):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "utils.librispeech", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "prepare.librispeech", *args], capture_output=True, text=True,
                           timeout=120, env=NO_PROXY_ENV)
 
 

@@ -1,8 +1,10 @@
-"""normalize-resample.sh and utils.normalize: 16 kHz mono -norm.wav next to every .flac."""
+"""normalize-resample.sh and prepare.normalize: 16 kHz mono -norm.wav next to every .flac."""
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -10,7 +12,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from utils import normalize
+from prepare import normalize
+from utils.atomic import is_temporary
 
 pytest.importorskip("ffmpeg_normalize")
 if not shutil.which("ffmpeg"):
@@ -51,15 +54,34 @@ def assert_all_normalized(root, names=NAMES):
         info = sf.info(out)
         assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16"), out
         assert info.frames > 0
-    assert not list(Path(root).rglob("*.partial.wav"))
+    assert leftovers(root) == []
+
+
+def leftovers(root):
+    """Temporaries or partial outputs: there must be none once a run has returned."""
+    return [p for p in Path(root).rglob("*") if is_temporary(p.name) or p.name.endswith(".partial.wav")]
+
+
+def script_env(path=None, **env):
+    """The environment of a user's shell: PATH starting with the venv; `env` may unset a name with None."""
+    full_env = {**os.environ, "PATH": path or f"{VENV_BIN}:/usr/bin:/bin", "VOICEFILTER_HOME": str(ROOT), **env}
+    full_env.pop("FFMPEG_PATH", None)  # the script must find ffmpeg itself
+    return {k: v for k, v in full_env.items() if v is not None}
 
 
 def run_script(root, *args, path=None, **env):
     """Run the copied script from inside `root` with bash, as `./normalize-resample.sh` would."""
-    full_env = {**os.environ, "PATH": path or f"{VENV_BIN}:/usr/bin:/bin", **env}
-    full_env.pop("FFMPEG_PATH", None)  # the script must find ffmpeg itself
-    return subprocess.run(["bash", "normalize-resample.sh", *args], cwd=root, env=full_env,
+    return subprocess.run(["bash", "normalize-resample.sh", *args], cwd=root, env=script_env(path, **env),
                           capture_output=True, text=True, timeout=120)
+
+
+def make_venv(folder):
+    """A venv at `folder` (as `python -m venv .venv` makes) that sees this venv's packages."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True, timeout=60)
+    own = Path(sysconfig.get_path("purelib", vars={"base": str(folder), "platbase": str(folder)}))
+    shutil.rmtree(own)
+    own.symlink_to(sysconfig.get_path("purelib"))
+    return folder / "bin"
 
 
 def test_script_normalizes_everything(tree):
@@ -106,7 +128,7 @@ def test_script_waits_for_slow_jobs(tree):
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - start >= 1.0
     assert len(outputs(tree)) == 3
-    assert not list(tree.rglob("*.partial.wav"))
+    assert leftovers(tree) == []
 
 
 @pytest.mark.parametrize("args", [["-j", "0"], ["-j", "x"], ["-z"], ["no-such-folder"]])
@@ -127,13 +149,13 @@ def test_python_normalizes_skips_and_reports(tree):
     assert (len(summary.normalized), len(summary.skipped)) == (0, 3)
     assert list(summary.failed) == [tree / "1" / "broken.flac"]
     assert {p: p.stat().st_mtime_ns for p in outputs(tree)} == before
-    assert not list(tree.rglob("*.partial.wav"))
+    assert leftovers(tree) == []
 
 
 def run_python_cli(*args):
     env = {**os.environ, "PATH": "/usr/bin:/bin"}
     env.pop("FFMPEG_PATH", None)
-    return subprocess.run([sys.executable, "-m", "utils.normalize", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "prepare.normalize", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -146,3 +168,78 @@ def test_python_cli(tree):
     assert_all_normalized(tree)
     missing = run_python_cli(str(tree / "nope"))
     assert missing.returncode == 2 and missing.stderr.startswith("error: no such folder")
+
+
+def test_script_runs_in_place_on_a_folder(tree, tmp_path_factory):
+    """utils/normalize-resample.sh ROOT, from anywhere: it finds the repository by its own location."""
+    elsewhere = tmp_path_factory.mktemp("cwd")
+    result = subprocess.run(["bash", str(SCRIPT), "-j", "2", str(tree)], cwd=elsewhere,
+                            env=script_env(VOICEFILTER_HOME=None), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert_all_normalized(tree)
+
+
+def test_copied_script_finds_the_repository_through_the_activated_venv(tree, tmp_path_factory):
+    """The original's workflow: `./normalize-resample.sh` in the LibriSpeech root, the venv made
+    inside the repository (as the README and the Makefile do) activated, nothing else set."""
+    clone = tmp_path_factory.mktemp("clone")
+    for part in ("prepare", "utils"):
+        (clone / part).symlink_to(ROOT / part)
+    venv_bin = make_venv(clone / ".venv")
+    result = run_script(tree, "-j", "2", path=f"{venv_bin}:/usr/bin:/bin", VOICEFILTER_HOME=None)
+    assert result.returncode == 0, result.stderr
+    assert_all_normalized(tree)
+
+
+def test_copied_script_without_a_repository_says_what_to_set(tree, tmp_path_factory):
+    venv_bin = make_venv(tmp_path_factory.mktemp("elsewhere") / ".venv")  # not inside a clone
+    result = run_script(tree, path=f"{venv_bin}:/usr/bin:/bin", VOICEFILTER_HOME=None)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: cannot find the Reverse VoiceFilter repository")
+    assert "VOICEFILTER_HOME" in result.stderr and result.stderr.count("\n") == 1
+    wrong = run_script(tree, VOICEFILTER_HOME=str(tree))
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1
+    assert wrong.stderr.startswith(f"error: VOICEFILTER_HOME={tree} holds no prepare/normalize.py")
+    assert outputs(tree) == []
+
+
+def test_zero_jobs_is_refused(tree):
+    result = run_python_cli(str(tree), "-j", "0")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: -j must be at least 1") and result.stderr.count("\n") == 1
+    assert outputs(tree) == []
+    with pytest.raises(normalize.UserError):
+        normalize.normalize_tree(tree, jobs=0)
+
+
+def test_folder_without_flac_is_a_warning_and_exit_1(tmp_path):
+    (tmp_path / "1" / "10").mkdir(parents=True)
+    (tmp_path / "1" / "10" / "1-10-0000.wav").write_bytes(b"RIFF")  # not what it looks for
+    result = run_python_cli(str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("warning: no .flac file below")
+    assert str(tmp_path) in result.stderr and "*.flac" in result.stderr
+    shutil.copy(SCRIPT, tmp_path / "normalize-resample.sh")
+    script = run_script(tmp_path)
+    assert script.returncode == 1 and script.stderr.startswith("warning: no .flac file below .")
+
+
+def test_ctrl_c_cancels_the_files_not_started(tmp_path):
+    """Before, Ctrl-C let the pool go on through every queued file."""
+    for i in range(8):
+        write_flac(tmp_path / f"1/10/1-10-{i:04d}.flac", 0.2, seed=i)
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    (fake / "ffmpeg-normalize").write_text('#!/bin/bash\nsleep 0.5\nprintf RIFF > "${@: -1}"\n')
+    (fake / "ffmpeg-normalize").chmod(0o755)
+    env = script_env(path=f"{fake}:/usr/bin:/bin")
+    process = subprocess.Popen([sys.executable, "-m", "prepare.normalize", str(tmp_path / "1"), "-j", "1", "-q"],
+                               cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not outputs(tmp_path) and time.monotonic() < deadline:  # interrupt once work has begun
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr
+    assert len(outputs(tmp_path)) < 6
+    assert leftovers(tmp_path) == []

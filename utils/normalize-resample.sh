@@ -2,55 +2,25 @@
 # Loudness-normalize (EBU R128) and resample every .flac below a folder to 16 kHz mono,
 # writing <name>-norm.wav next to each <name>.flac, as the original project did.
 #
-# Copy it into the LibriSpeech root and run it there:
-#     cp utils/normalize-resample.sh /data/LibriSpeech/ && cd /data/LibriSpeech && ./normalize-resample.sh
-# or point it at a folder:  ./normalize-resample.sh [-j JOBS] [-v] [DIR]
+# As in the original, copy it into the LibriSpeech root and run it there, with the project's
+# python on PATH (e.g. its activated .venv):
+#     cp utils/normalize-resample.sh data/LibriSpeech/ && cd data/LibriSpeech && ./normalize-resample.sh
+# or run it in place on a folder:  utils/normalize-resample.sh [-j JOBS] [-v] [DIR]
 #
-#   -j JOBS   parallel jobs (default: $N if set, else the number of cores)
-#   -v        print each file as it is finished
+#   -j JOBS   parallel jobs (default: $N if set, else one per core)
+#   -v        name each file as it is finished
 #
-# Files whose -norm.wav already exists are skipped, so an interrupted run is resumed by running
-# it again.  Each output is written under a temporary name and renamed when complete, so a
-# half-written file never counts as done.  The script returns only after every job has
-# finished, and exits 1 naming the files that failed.
-#
-# Needs ffmpeg-normalize (PATH, or importable by $PYTHON / python3) and ffmpeg (PATH, $FFMPEG_PATH,
-# or the binary shipped by the imageio-ffmpeg wheel).
+# A thin wrapper: `python -m prepare.normalize` does the work (skips files already done, waits
+# for every job, exits 1 naming the files that failed, or when there is no .flac at all).
+# The python is $PYTHON, else python3 (or python) on PATH. The repository holding prepare/ is,
+# in this order: $VOICEFILTER_HOME; the folder above this script (run in place); the folder
+# holding that python's venv (the .venv that the README and the Makefile create in it).
 set -uo pipefail
-
-SUFFIX="-norm.wav"
-PARTIAL="-norm.partial.wav"  # does not match *-norm.wav, so the generator never reads it
 
 die() { echo "error: $*" >&2; exit 2; }
 
-# --- worker mode: one file, run by xargs in a fresh bash (exported settings in the environment)
-if [[ "${1:-}" == "--worker" ]]; then
-    f="$2"
-    out="${f%.*}${SUFFIX}"
-    tmp="${f%.*}${PARTIAL}"
-    trap 'rm -f "$tmp"' INT TERM
-    if [[ -n "${RVF_FFNORM:-}" ]]; then
-        cmd=("$RVF_FFNORM")
-    else
-        cmd=("$RVF_PYTHON" -m ffmpeg_normalize)
-    fi
-    # -ar 16000 as in the original; -ac 1 because the product reads mono; -f overwrites a stale partial.
-    if msg=$("${cmd[@]}" "$f" -ar 16000 -ac 1 -f -o "$tmp" 2>&1) && [[ -s "$tmp" ]] && mv -f "$tmp" "$out"; then
-        [[ "${RVF_VERBOSE:-0}" == 1 ]] && echo "done: $out"
-        exit 0
-    fi
-    rm -f "$tmp"
-    echo "failed: $f: $(printf '%s' "$msg" | tr '\n' ' ' | sed $'s/\033\\[[0-9;]*m//g' | cut -c1-300)" >&2
-    exit 1  # not 255: that would make xargs stop launching the remaining files
-fi
-
-# --- main mode
-count_cores() {
-    nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || sysctl -n hw.ncpu 2>/dev/null || echo 1
-}
-
-jobs="${N:-$(count_cores)}"
-verbose=0
+jobs="${N:-}"
+verbose=""
 while getopts ":j:vh" opt; do
     case "$opt" in
         j) jobs="$OPTARG" ;;
@@ -61,59 +31,30 @@ while getopts ":j:vh" opt; do
     esac
 done
 shift $((OPTIND - 1))
-root="${1:-.}"
 [[ $# -le 1 ]] || die "expected at most one folder, got $#"
-[[ "$jobs" =~ ^[1-9][0-9]*$ ]] || die "the number of jobs must be a positive integer, got '$jobs'"
-[[ -d "$root" ]] || die "no such folder: $root"
+root="${1:-.}"
+# checked here too, so that a typo is one line rather than argparse's usage and error
+[[ -z "$jobs" || "$jobs" =~ ^[1-9][0-9]*$ ]] || die "the number of jobs must be a positive integer, got '$jobs'"
 
-# A python that can run ffmpeg-normalize / locate imageio-ffmpeg's ffmpeg.
-python_bin="${PYTHON:-$(command -v python3 || command -v python || true)}"
+python="${PYTHON:-$(command -v python3 || command -v python || true)}"
+[[ -n "$python" ]] || die "no python on PATH: activate the project's venv (. .venv/bin/activate) or set PYTHON"
 
-if command -v ffmpeg-normalize >/dev/null 2>&1; then
-    RVF_FFNORM="$(command -v ffmpeg-normalize)"
-elif [[ -n "$python_bin" ]] && "$python_bin" -c 'import ffmpeg_normalize' >/dev/null 2>&1; then
-    RVF_FFNORM=""
+holds_module() { [[ -f "$1/prepare/normalize.py" ]]; }
+if [[ -n "${VOICEFILTER_HOME:-}" ]]; then
+    repo="$VOICEFILTER_HOME"
+    holds_module "$repo" || die "VOICEFILTER_HOME=$repo holds no prepare/normalize.py: set it to the repository"
+elif holds_module "$(dirname "$0")/.."; then
+    repo="$(dirname "$0")/.."
 else
-    die "ffmpeg-normalize not found: pip install ffmpeg-normalize (or set PYTHON to a python that has it)"
+    repo="$("$python" -c 'import sys; print(sys.prefix)' 2>/dev/null)/.."
+    holds_module "$repo" || die "cannot find the Reverse VoiceFilter repository: export VOICEFILTER_HOME=/path/to/it" \
+                                "(or activate the .venv inside it)"
 fi
+repo="$(cd "$repo" && pwd)"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
-if [[ -z "${FFMPEG_PATH:-}" ]] && ! command -v ffmpeg >/dev/null 2>&1; then
-    if [[ -n "$python_bin" ]]; then
-        FFMPEG_PATH="$("$python_bin" -c 'import imageio_ffmpeg; print(imageio_ffmpeg.get_ffmpeg_exe())' 2>/dev/null)"
-    fi
-    [[ -n "${FFMPEG_PATH:-}" ]] || die "ffmpeg not found: install ffmpeg or pip install imageio-ffmpeg"
-    export FFMPEG_PATH  # ffmpeg-normalize looks here before PATH
+if ! msg=$("$python" -c 'import prepare.normalize, tqdm' 2>&1); then
+    die "$python cannot run prepare.normalize from $repo ($(printf '%s' "$msg" | tail -n 1));" \
+        "activate the project's venv or set PYTHON to its python"
 fi
-
-todo=()
-skipped=0
-while IFS= read -r -d '' f; do
-    if [[ -e "${f%.*}${SUFFIX}" ]]; then
-        skipped=$((skipped + 1))
-    else
-        todo+=("$f")
-    fi
-done < <(find "$root" -type f -name '*.flac' -print0 | sort -z)
-
-echo "normalize-resample: ${#todo[@]} to do, $skipped already done, $jobs parallel jobs" >&2
-if [[ ${#todo[@]} -eq 0 ]]; then
-    exit 0
-fi
-
-export RVF_FFNORM RVF_VERBOSE="$verbose" RVF_PYTHON="$python_bin"
-
-# xargs waits for every job it started before it exits, unlike the original's bare '&' loop.
-printf '%s\0' "${todo[@]}" | xargs -0 -n 1 -P "$jobs" "$BASH" "$0" --worker
-
-# The outputs on disk are the record of what succeeded, whatever happened to the workers.
-failed=()
-for f in "${todo[@]}"; do
-    [[ -e "${f%.*}${SUFFIX}" ]] || failed+=("$f")
-done
-echo "normalize-resample: $(( ${#todo[@]} - ${#failed[@]} )) normalized, $skipped skipped," \
-     "${#failed[@]} failed" >&2
-if [[ ${#failed[@]} -gt 0 ]]; then
-    echo "error: ${#failed[@]} file(s) failed: ${failed[*]}" >&2
-    exit 1
-fi
-exit 0
+exec "$python" -m prepare.normalize ${jobs:+-j "$jobs"} ${verbose:+--verbose} -- "$root"

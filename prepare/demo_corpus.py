@@ -26,8 +26,8 @@ byte-identical files, in any order and with any number of workers.
 
 Usage::
 
-    python -m utils.demo_corpus -o demo/librispeech
-    python -m utils.demo_corpus -o DIR --seed 1 --speakers train-clean-100=40x6 dev-clean=10x6
+    python -m prepare.demo_corpus -o demo/librispeech
+    python -m prepare.demo_corpus -o DIR --seed 1 --speakers train-clean-100=40x6 dev-clean=10x6
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ import argparse
 import logging
 import os
 import re
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -44,6 +43,10 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+
+from utils.atomic import atomic_path, remove_stale_temporaries
+from utils.cli import UserErrorParser, check_writable_dir
+from utils.errors import UserError, run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -432,14 +435,8 @@ def render_file(job: UtteranceJob) -> float:
     n_samples = int(round(seconds * SAMPLE_RATE))
     wav = synthesize_utterance(spk, rng, n_samples)
     pcm = np.round(np.clip(wav, -1.0, 1.0) * 32767.0).astype(np.int16)
-    path = Path(job.path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # not '*-norm.wav': never globbed as data
-    try:
+    with atomic_path(job.path) as tmp:  # the temporary's name never ends in '-norm.wav': never taken for data
         sf.write(tmp, pcm, SAMPLE_RATE, format="WAV", subtype="PCM_16")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return n_samples / SAMPLE_RATE
 
 
@@ -499,6 +496,8 @@ def make_corpus(root: str | os.PathLike, subsets: dict | None = None, seed: int 
     _check_arguments(subsets, duration)
     all_jobs = plan_corpus(root, subsets, seed, duration)
     todo = [job for job in all_jobs if not os.path.exists(job.path)]
+    for folder in sorted({Path(job.path).parent for job in todo}):  # what a killed run left there
+        remove_stale_temporaries(folder)
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(todo) or 1))
     logger.info("writing %d of %d files under %s with %d worker(s)", len(todo), len(all_jobs), root, jobs)
     start = time.perf_counter()
@@ -541,10 +540,10 @@ def _parse_subset(text: str) -> tuple[str, tuple[int, int]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line interface of ``python -m utils.demo_corpus``."""
+    """Command-line interface of ``python -m prepare.demo_corpus``."""
     default = " ".join(f"{k}={n}x{m}" for k, (n, m) in DEFAULT_SUBSETS.items())
-    parser = argparse.ArgumentParser(
-        prog="python -m utils.demo_corpus",
+    parser = UserErrorParser(
+        prog="python -m prepare.demo_corpus",
         description="Write a synthetic multi-speaker speech corpus in the LibriSpeech layout "
                     "(ROOT/SUBSET/SPEAKER/CHAPTER/*-norm.wav, 16 kHz mono).")
     parser.add_argument("-o", "--output", required=True, help="corpus root folder")
@@ -558,23 +557,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class CorpusWriteError(UserError):
+    """Writing failed after the folder was found writable (a full disk): one line, exit 1."""
+
+    exit_code = 1
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status."""
+    """Entry point; raises UserError for what the user can fix (printed as one line by run_cli)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     subsets = dict(args.speakers) if args.speakers else None
     if args.jobs is not None and args.jobs < 1:
-        print("error: --jobs must be at least 1", file=sys.stderr)
-        return 2
+        raise UserError(f"--jobs must be at least 1, got {args.jobs}")
+    try:
+        _check_arguments(DEFAULT_SUBSETS if subsets is None else subsets, tuple(args.duration))
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    check_writable_dir(args.output, "-o")
     try:
         summary = make_corpus(args.output, subsets, seed=args.seed, duration=tuple(args.duration),
                               jobs=args.jobs, progress=not args.quiet)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except OSError as err:
-        print(f"error: cannot write the corpus under {args.output}: {err.strerror or err}", file=sys.stderr)
-        return 1
+        raise CorpusWriteError(f"cannot write the corpus under {args.output}: {err.strerror or err}") from None
     counts = ", ".join(f"{k}: {len(v)} speakers" for k, v in summary["speakers"].items())
     print(f"{summary['files']} files under {summary['root']} ({counts}); "
           f"{summary['written']} written, {summary['skipped']} already present")
@@ -582,4 +587,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main, interrupted="interrupted; rerun the same command to finish (written files are kept)")

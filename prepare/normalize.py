@@ -1,0 +1,191 @@
+"""Loudness-normalize and resample every .flac below a folder to 16 kHz mono ``*-norm.wav``.
+
+The one implementation: ``utils/normalize-resample.sh`` only finds a python
+and this module and runs it::
+
+    python -m prepare.normalize ROOT [-j JOBS] [-v] [-q]
+
+Each ``NAME.flac`` gets ``NAME-norm.wav`` next to it, made by
+``ffmpeg-normalize NAME.flac -ar 16000 -ac 1`` (EBU R128 loudness
+normalization at its defaults, as the original).  The output is written under
+a utils.atomic temporary name and renamed when complete; files whose output
+exists are skipped; failures are listed at the end and make the exit status 1,
+as does a folder without any .flac file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from utils.atomic import atomic_path, remove_stale_temporaries
+from utils.cli import UserErrorParser
+from utils.errors import UserError, run_cli
+
+logger = logging.getLogger(__name__)
+
+SUFFIX = "-norm.wav"
+LEGACY_PARTIAL_SUFFIX = "-norm.partial.wav"  # what earlier versions left behind when killed
+SAMPLE_RATE = 16000
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def output_path(flac: Path) -> Path:
+    """``a/b.flac`` -> ``a/b-norm.wav``."""
+    return flac.with_name(flac.stem + SUFFIX)
+
+
+def find_flacs(root: str | os.PathLike) -> list[Path]:
+    """Every .flac below `root`, sorted."""
+    return sorted(p for p in Path(root).rglob("*.flac") if p.is_file())
+
+
+def ffmpeg_normalize_command() -> list[str]:
+    """How to run ffmpeg-normalize: the one on PATH (an activated venv's), else this interpreter's module."""
+    exe = shutil.which("ffmpeg-normalize")
+    if exe:
+        return [exe]
+    if importlib.util.find_spec("ffmpeg_normalize") is not None:
+        return [sys.executable, "-m", "ffmpeg_normalize"]
+    raise UserError("ffmpeg-normalize not found: pip install ffmpeg-normalize")
+
+
+def ffmpeg_environment(env: dict | None = None) -> dict:
+    """Environment for ffmpeg-normalize; FFMPEG_PATH is imageio-ffmpeg's binary if PATH lacks ffmpeg."""
+    env = dict(os.environ if env is None else env)
+    if env.get("FFMPEG_PATH") or shutil.which("ffmpeg", path=env.get("PATH")):
+        return env
+    try:
+        import imageio_ffmpeg
+
+        env["FFMPEG_PATH"] = imageio_ffmpeg.get_ffmpeg_exe()
+    except (ImportError, RuntimeError) as err:
+        raise UserError("ffmpeg not found: install ffmpeg or pip install imageio-ffmpeg") from err
+    return env
+
+
+def normalize_file(flac: Path, command: list[str], env: dict) -> str | None:
+    """Normalize one file; returns None on success, else a one-line reason."""
+    try:
+        with atomic_path(output_path(flac)) as tmp:  # ends in .wav: ffmpeg-normalize picks the format by it
+            args = [*command, str(flac), "-ar", str(SAMPLE_RATE), "-ac", "1", "-f", "-o", tmp]
+            result = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+            if result.returncode == 0 and os.path.getsize(tmp) > 0:
+                return None
+            message = _ANSI.sub("", (result.stderr or result.stdout or "").strip())
+            raise _Failed(" ".join(message.split())[:300] or f"ffmpeg-normalize exited with {result.returncode}")
+    except _Failed as failure:
+        return str(failure)
+    except OSError as err:
+        return f"cannot run ffmpeg-normalize: {err}"
+
+
+class _Failed(Exception):
+    """Leaves atomic_path without renaming the temporary into place."""
+
+
+@dataclass
+class NormalizeSummary:
+    """What `normalize_tree` did."""
+
+    normalized: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+    failed: dict[Path, str] = field(default_factory=dict)  # flac -> reason
+
+
+def normalize_tree(root: str | os.PathLike, jobs: int | None = None, progress: bool = True,
+                   verbose: bool = False) -> NormalizeSummary:
+    """Normalize every .flac below `root` with `jobs` parallel ffmpeg-normalize processes.
+
+    Threads suffice: each job waits on a subprocess.  Returns only when all jobs are done;
+    Ctrl-C cancels the files not yet started.  An empty summary means no .flac was found.
+    """
+    if not Path(root).is_dir():
+        raise UserError(f"no such folder: {root}")
+    jobs = (os.cpu_count() or 1) if jobs is None else jobs
+    if jobs < 1:
+        raise UserError(f"-j must be at least 1 (the default is one job per core), got {jobs}")
+    summary = NormalizeSummary()
+    todo = []
+    for flac in find_flacs(root):
+        (summary.skipped if output_path(flac).exists() else todo).append(flac)
+    if not todo and not summary.skipped:
+        return summary
+    logger.info("normalize: %d to do, %d already done, %d parallel jobs", len(todo), len(summary.skipped), jobs)
+    if todo:
+        for folder in sorted({flac.parent for flac in todo}):  # what a killed run left there
+            remove_stale_temporaries(folder, legacy_suffixes=(LEGACY_PARTIAL_SUFFIX,))
+        _run_jobs(todo, jobs, summary, progress, verbose)
+    logger.info("normalize: %d normalized, %d skipped, %d failed",
+                len(summary.normalized), len(summary.skipped), len(summary.failed))
+    return summary
+
+
+def _run_jobs(todo: list[Path], jobs: int, summary: NormalizeSummary, progress: bool, verbose: bool) -> None:
+    """Normalize `todo` in a pool of `jobs` threads, recording each result in `summary`."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    command, env = ffmpeg_normalize_command(), ffmpeg_environment()
+    with ThreadPoolExecutor(max_workers=jobs) as pool, logging_redirect_tqdm(), \
+            tqdm(total=len(todo), unit="file", desc="normalize", disable=not progress) as bar:
+        futures = {pool.submit(normalize_file, flac, command, env): flac for flac in todo}
+        try:
+            for future in as_completed(futures):
+                flac, error = futures[future], future.result()
+                if error is None:
+                    summary.normalized.append(flac)
+                    if verbose:
+                        logger.info("done: %s", output_path(flac))
+                else:
+                    summary.failed[flac] = error
+                    logger.error("failed: %s: %s", flac, error)
+                bar.update()
+        except KeyboardInterrupt:
+            pool.shutdown(wait=True, cancel_futures=True)  # else the queued files would still all run
+            raise
+    summary.normalized.sort()
+    summary.failed = dict(sorted(summary.failed.items()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Command-line interface of ``python -m prepare.normalize``."""
+    parser = UserErrorParser(
+        prog="python -m prepare.normalize",
+        description="Write NAME-norm.wav (EBU R128 loudness-normalized, 16 kHz mono) next to every "
+                    "NAME.flac below ROOT with ffmpeg-normalize.")
+    parser.add_argument("root", help="folder to search for .flac files (e.g. the LibriSpeech root)")
+    parser.add_argument("-j", "--jobs", type=int, default=None,
+                        help="parallel jobs, at least 1 (default: one per core)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="name each file as it is finished")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns 1 when some files failed."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    summary = normalize_tree(args.root, args.jobs, progress=not args.quiet, verbose=args.verbose)
+    if not (summary.normalized or summary.skipped or summary.failed):
+        print(f"warning: no .flac file below {args.root} (looked for *.flac in all its subfolders; "
+              f"is it the LibriSpeech root?)", file=sys.stderr)
+        return 1
+    if summary.failed:
+        names = " ".join(str(p) for p in summary.failed)
+        print(f"error: {len(summary.failed)} file(s) failed: {names}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main, interrupted="interrupted; rerun the same command to continue (finished files are skipped)")
