@@ -130,8 +130,7 @@ def test_outputs_and_layout(evaluated):
     out, rows, report = evaluated["out"], evaluated["rows"], evaluated["report"]
     assert len(rows) == 3 * len(MASK_MODES)
     assert [(r["sample_id"], r["mode"]) for r in rows[:3]] == [("000000", m) for m in MASK_MODES]
-    for name in ["sdr_histogram.png"] + [f"sdr_histogram_{m}.png" for m in MASK_MODES]:
-        assert (out / name).stat().st_size > 1000
+    assert (out / "sdr_before_after.png").stat().st_size > 1000
     assert report["counts"] == {"samples_found": 3, "samples": 3, "modes": 3, "rows": 9}
     assert report["reversed_data"] is False and report["reversed_source"] == "manifest"
     assert report["modes"]["org"]["reference"] == "target"
@@ -178,7 +177,7 @@ def test_reversed_data_and_limit(setup, tmp_path):
     assert report["reversed_data"] is True and report["counts"]["samples"] == 1
     assert "interfering speaker (reversed data)" in report["modes"]["org"]["reference_is"]
     assert "reference speaker (reversed data)" in report["modes"]["inv_sub"]["reference_is"]
-    assert (tmp_path / "out" / "sdr_histogram_org.png").exists()
+    assert (tmp_path / "out" / "sdr_before_after.png").exists()
     rows = list(csv.DictReader(open(tmp_path / "out" / "per_sample.csv")))
     assert [r["mode"] for r in rows] == ["org", "inv_sub"]
     mixed, _ = sf.read(split / "000000-mixed.wav", dtype="float32")
@@ -191,17 +190,19 @@ def test_reversed_data_and_limit(setup, tmp_path):
 
 def test_reversed_flag_and_mixed_manifest(tmp_path):
     from datasets.samples import list_samples
-    from utils.evaluation import resolve_reversed
+    from utils.evaluation import TARGET, decide_targets, split_reversed
     from utils.hparams import HParam
 
     hp = HParam()
     split = make_test_folder(tmp_path / "a", count=2, manifest=False)
     samples = list_samples(split, hp, need_mags=False)
-    assert resolve_reversed(samples, split) == (False, "default (no manifest)")
-    assert resolve_reversed(samples, split, True) == (True, "flag")
+    assert split_reversed(split, samples) == (None, "unknown")
+    assert decide_targets(samples, split).model_reversed is False  # nothing tells: a normal model
+    flagged = decide_targets(samples, split, True)
+    assert (flagged.model_reversed, flagged.because, flagged.org_kind) == (True, "flag", TARGET)
     (split / "manifest.jsonl").write_text('{"id": "000000", "reversed": true}\n{"id": "000001", "reversed": false}\n')
     with pytest.raises(UserError, match="mixes reversed"):
-        resolve_reversed(samples, split)
+        split_reversed(split, samples)
 
 
 @pytest.mark.parametrize("case", ["missing folder", "empty folder", "bogus mask", "negative limit", "zero jobs"])
