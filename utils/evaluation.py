@@ -362,7 +362,7 @@ def write_scatter(out_dir, rows, summary):
     pairs = {}
     for mode, entry in summary.items():
         mine = [r for r in rows if r["mode"] == mode]
-        pairs[mode] = (f"against {entry['reference_is']}", [r["sdr_before"] for r in mine],
+        pairs[mode] = (f"scored against {entry['reference_is']}", [r["sdr_before"] for r in mine],
                        [r["sdr_after"] for r in mine])
     return save_before_after(Path(out_dir) / SCATTER_FILE, pairs,
                              title="SDR per sample: above the diagonal, the output beats the mixture")

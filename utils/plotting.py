@@ -3,6 +3,7 @@
 matplotlib's Agg backend only (no display); figures are rendered through
 ``buffer_rgba`` (the original's ``tostring_rgb`` is gone from matplotlib).
 """
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -49,32 +50,26 @@ def save_spectrograms(path, panels, hop_seconds=None, gain_panels=(), title=None
 
     Panels named in ``gain_panels`` (masks, gains) share one colour scale from 0; the others
     (normalized magnitudes in [0, 1]) share the scale 0..1, so mixture and results compare
-    at a glance. ``hop_seconds`` and ``max_hz`` put the axes in seconds and Hz.
+    at a glance (each panel repeats its group's colour bar). ``hop_seconds`` and ``max_hz`` put
+    the axes in seconds and Hz.
     """
     n = len(panels)
     fig, axes = plt.subplots(n, 1, figsize=(10, 2.2 * n + 0.6), squeeze=False, sharex=True, layout="constrained")
     axes = axes[:, 0]
     gains = [np.asarray(v) for k, v in panels.items() if k in gain_panels]
     gain_max = max([1.0] + [float(np.percentile(g, 99.5)) for g in gains if g.size])
-    scales = {False: ([], {"vmin": 0.0, "vmax": 1.0, "cmap": "magma"}),
-              True: ([], {"vmin": 0.0, "vmax": gain_max, "cmap": "viridis"})}
-    images = {}
+    over = any(float(np.max(g)) > gain_max for g in gains if g.size)
+    styles = {False: ({"vmin": 0.0, "vmax": 1.0, "cmap": "magma"}, "magnitude\n(normalized log)", "neither"),
+              True: ({"vmin": 0.0, "vmax": gain_max, "cmap": "viridis"}, "multiplier", "max" if over else "neither")}
     for ax, (name, spec) in zip(axes, panels.items(), strict=True):
         spec = np.asarray(spec)
         extent = [0, spec.shape[0] * (hop_seconds or 1), 0, max_hz or spec.shape[1]]
-        group, style = scales[name in gain_panels]
-        images[name in gain_panels] = ax.imshow(spec.T, aspect="auto", origin="lower", interpolation="none",
-                                                extent=extent, **style)
-        group.append(ax)
+        style, label, extend = styles[name in gain_panels]
+        im = ax.imshow(spec.T, aspect="auto", origin="lower", interpolation="none", extent=extent, **style)
+        fig.colorbar(im, ax=ax, label=label, extend=extend, pad=0.01)
         ax.set_title(name, fontsize=10, loc="left")
         ax.set_ylabel("frequency (Hz)" if max_hz else "frequency bin")
     axes[-1].set_xlabel("time (s)" if hop_seconds else "frames")
-    if scales[False][0]:
-        fig.colorbar(images[False], ax=scales[False][0], label="normalized magnitude (log)", shrink=0.9)
-    if scales[True][0]:
-        over = any(float(np.max(g)) > gain_max for g in gains if g.size)
-        fig.colorbar(images[True], ax=scales[True][0], label="multiplier of the mixture", shrink=0.9,
-                     extend="max" if over else "neither")
     if title:
         fig.suptitle(title)
     return _save_figure(fig, path)
@@ -83,7 +78,7 @@ def save_spectrograms(path, panels, hop_seconds=None, gain_panels=(), title=None
 def save_before_after(path, pairs, xlabel="SDR of the mixture (dB)", ylabel="SDR of the output (dB)", title=None):
     """Save one scatter per ``{name: (subtitle, before values, after values)}``, side by side on the
     same axes, with the diagonal: a point above it is a sample the output improved."""
-    fig, axes = plt.subplots(1, len(pairs), figsize=(4.2 * len(pairs) + 0.4, 4.6), squeeze=False,
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.4 * len(pairs) + 0.4, 5.4), squeeze=False,
                              layout="constrained")
     finite = [np.asarray(v, dtype=float) for _, before, after in pairs.values() for v in (before, after)]
     finite = np.concatenate([v[np.isfinite(v)] for v in finite]) if finite else np.zeros(0)
@@ -100,8 +95,7 @@ def save_before_after(path, pairs, xlabel="SDR of the mixture (dB)", ylabel="SDR
         ax.scatter(before[ok], after[ok], s=12, alpha=0.6, label=label)
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
-        ax.set_aspect("equal")
-        ax.set_title(f"{name}\n{subtitle}", fontsize=9)
+        ax.set_title("\n".join([name, *textwrap.wrap(subtitle, 42)]), fontsize=9)
         ax.set_xlabel(xlabel)
         ax.legend(fontsize=7, loc="upper left")
     axes[0, 0].set_ylabel(ylabel)
