@@ -88,7 +88,7 @@ def main(argv=None):
     print(f"\nDemo finished in {time.perf_counter() - started:.0f} s. Look at:")
     print(f"  mixture and clean target  {mixed}\n                            {target}")
     print(f"  separated audio, pictures {out / 'inference'}/<mode>/result.wav, result.png")
-    print(f"  evaluation report         {out / 'evaluation'}/report.json, per_sample.csv, sdr_histogram.png")
+    print(f"  evaluation report         {out / 'evaluation'}/report.json, per_sample.csv, sdr_before_after.png")
     print(f"  checkpoints               {out / 'chkpt' / name}")
     print(f"  TensorBoard               tensorboard --logdir {out / 'logs' / name}")
     return 0

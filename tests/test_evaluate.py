@@ -111,18 +111,25 @@ def independent_scores(setup, samples, factor=0.7, eps=1e-3):
     return scores
 
 
+STALE = [".report.json.k2j_x9ab.tmp.json", ".per_sample.csv.tmp", ".sdr_before_after.png.abcd1234.tmp.png"]
+KEPT = ["notes.txt", ".hidden.tmp"]
+
+
 @pytest.fixture(scope="module")
 def evaluated(setup):
     """One real evaluate.py run (mir_eval in a pool of 2), while this process computes the references."""
     out = setup["root"] / "out"
+    out.mkdir()
+    for name in STALE + KEPT:  # what a killed run left (this suite's naming, and an older one), and the user's
+        (out / name).write_text("x")
     proc = start_script("evaluate.py", *eval_args(setup, out, "--mask", "all", "--jobs", "2", "--batch_size", "2",
-                                                     "--channels_last"))
+                                                     "--channels_last", "--threads", "1", "-v"))
     expected = independent_scores(setup, ["000000", "000002"])
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr
     with open(out / "per_sample.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    return {"out": out, "stdout": stdout, "rows": rows, "expected": expected,
+    return {"out": out, "stdout": stdout, "stderr": stderr, "rows": rows, "expected": expected,
             "report": json.loads((out / "report.json").read_text())}
 
 
@@ -130,8 +137,7 @@ def test_outputs_and_layout(evaluated):
     out, rows, report = evaluated["out"], evaluated["rows"], evaluated["report"]
     assert len(rows) == 3 * len(MASK_MODES)
     assert [(r["sample_id"], r["mode"]) for r in rows[:3]] == [("000000", m) for m in MASK_MODES]
-    for name in ["sdr_histogram.png"] + [f"sdr_histogram_{m}.png" for m in MASK_MODES]:
-        assert (out / name).stat().st_size > 1000
+    assert (out / "sdr_before_after.png").stat().st_size > 1000
     assert report["counts"] == {"samples_found": 3, "samples": 3, "modes": 3, "rows": 9}
     assert report["reversed_data"] is False and report["reversed_source"] == "manifest"
     assert report["modes"]["org"]["reference"] == "target"
@@ -178,7 +184,7 @@ def test_reversed_data_and_limit(setup, tmp_path):
     assert report["reversed_data"] is True and report["counts"]["samples"] == 1
     assert "interfering speaker (reversed data)" in report["modes"]["org"]["reference_is"]
     assert "reference speaker (reversed data)" in report["modes"]["inv_sub"]["reference_is"]
-    assert (tmp_path / "out" / "sdr_histogram_org.png").exists()
+    assert (tmp_path / "out" / "sdr_before_after.png").exists()
     rows = list(csv.DictReader(open(tmp_path / "out" / "per_sample.csv")))
     assert [r["mode"] for r in rows] == ["org", "inv_sub"]
     mixed, _ = sf.read(split / "000000-mixed.wav", dtype="float32")
@@ -191,17 +197,19 @@ def test_reversed_data_and_limit(setup, tmp_path):
 
 def test_reversed_flag_and_mixed_manifest(tmp_path):
     from datasets.samples import list_samples
-    from utils.evaluation import resolve_reversed
+    from utils.evaluation import TARGET, decide_targets, split_reversed
     from utils.hparams import HParam
 
     hp = HParam()
     split = make_test_folder(tmp_path / "a", count=2, manifest=False)
     samples = list_samples(split, hp, need_mags=False)
-    assert resolve_reversed(samples, split) == (False, "default (no manifest)")
-    assert resolve_reversed(samples, split, True) == (True, "flag")
+    assert split_reversed(split, samples) == (None, "unknown")
+    assert decide_targets(samples, split).model_reversed is False  # nothing tells: a normal model
+    flagged = decide_targets(samples, split, True)
+    assert (flagged.model_reversed, flagged.because, flagged.org_kind) == (True, "flag", TARGET)
     (split / "manifest.jsonl").write_text('{"id": "000000", "reversed": true}\n{"id": "000001", "reversed": false}\n')
     with pytest.raises(UserError, match="mixes reversed"):
-        resolve_reversed(samples, split)
+        split_reversed(split, samples)
 
 
 @pytest.mark.parametrize("case", ["missing folder", "empty folder", "bogus mask", "negative limit", "zero jobs"])
@@ -221,3 +229,88 @@ def test_bad_input_is_one_error_line(setup, tmp_path, case, capsys):
     assert code not in (0, None)
     assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1, err
     assert not (tmp_path / "o" / "report.json").exists()
+
+
+# ---- defects -------------------------------------------------------------------------------------------
+def test_stale_temporaries_are_cleared_and_threads_logged(evaluated):
+    names = sorted(p.name for p in evaluated["out"].iterdir())
+    assert names == sorted(KEPT + ["per_sample.csv", "report.json", "sdr_before_after.png"])
+    assert "using 1 CPU thread(s)" in evaluated["stderr"]
+    assert "removed" in evaluated["stderr"] and ".per_sample.csv.tmp" in evaluated["stderr"]
+
+
+def test_unwritable_out_dir_is_one_line_before_any_work(setup, tmp_path, capsys, monkeypatch):
+    import evaluate
+    from utils import evaluation, separation
+
+    blocker = tmp_path / "somefile.txt"
+    blocker.write_text("a file, not a folder")
+    monkeypatch.setattr(separation, "load_separator", lambda *a, **k: pytest.fail("loaded the model first"))
+    monkeypatch.setattr(evaluation, "run_evaluation", lambda *a, **k: pytest.fail("scored first"))
+    code, _, err = run_main(evaluate.main, eval_args(setup, blocker / "out"), capsys)
+    assert code == 2 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: cannot write to -o folder {blocker / 'out'}: Not a directory"]
+
+
+def model_trained_on(setup, root, reverse):
+    """The tiny checkpoint, with a config naming a training folder the generator made normal or reversed."""
+    train = root / "train"
+    train.mkdir(parents=True)
+    (train / "generation.json").write_text(json.dumps({"split": "train", "reverse": reverse}))
+    state = torch.load(setup["checkpoint"], weights_only=True)
+    state["hp_str"] = state["hp_str"].replace("train_dir: ''", f"train_dir: {train}")
+    assert str(train) in state["hp_str"]
+    from utils.checkpoint import save_checkpoint
+
+    return save_checkpoint(state, root / "chkpt.pt")
+
+
+@pytest.mark.parametrize("flag", [None, True])
+def test_org_is_scored_against_the_speaker_the_model_keeps(setup, tmp_path, caplog, flag):
+    """A normal model on a reversed folder: org keeps the reference speaker, so it is scored against
+    -mixed.wav minus -target.wav, with a warning; --reversed True says otherwise."""
+    from utils.evaluation import run_evaluation
+    from utils.metrics import sdr
+    from utils.separation import load_separator
+
+    checkpoint = model_trained_on(setup, tmp_path / "model", reverse=False)
+    split = make_test_folder(tmp_path / "rev", count=1, reversed_data=True)
+    separator = load_separator(None, checkpoint, setup["embedder"], torch.device("cpu"))
+    with caplog.at_level("WARNING"):
+        report = run_evaluation(separator, split, tmp_path / "out", ["org", "inv_sub"], 0.7, reversed_flag=flag,
+                                progress=False)
+    mixed, _ = sf.read(split / "000000-mixed.wav", dtype="float32")
+    target, _ = sf.read(split / "000000-target.wav", dtype="float32")
+    rows = list(csv.DictReader(open(tmp_path / "out" / "per_sample.csv")))
+    why = report["org_scored_against"]
+    if flag is None:
+        assert why["because"] == "model" and str(tmp_path / "model" / "train") in why["explanation"]
+        assert why["org_reference_is"] == "-mixed.wav minus -target.wav: the reference speaker (reversed data)"
+        assert report["modes"]["org"]["reference"] == rows[0]["reference"] == "mixed_minus_target"
+        assert abs(float(rows[0]["sdr_before"]) - sdr(mixed - target, mixed)) < 1e-4
+        assert abs(float(rows[1]["sdr_before"]) - sdr(target, mixed)) < 1e-4
+        assert "holds reversed data" in caplog.text
+    else:
+        assert why["because"] == "flag" and why["model_reversed"] is True
+        assert report["modes"]["org"]["reference"] == "target"
+        assert abs(float(rows[0]["sdr_before"]) - sdr(target, mixed)) < 1e-4
+        assert "holds" not in caplog.text
+    assert why["folder_reversed"] is True and why["folder_reversed_source"] == "manifest"
+
+    from utils.evaluation import format_table
+
+    table = format_table(report["modes"], why)
+    assert f"org: 1 samples, scored against {report['modes']['org']['reference_is']}" in table
+    assert "why: the model keeps" in table and why["explanation"] in table
+
+
+def test_config_comes_from_the_checkpoint_when_c_is_absent(setup, tmp_path, capsys):
+    import evaluate
+
+    argv = ["-e", setup["embedder"], "--checkpoint_path", setup["checkpoint"], "-d", setup["split"], "-o",
+            tmp_path / "out", "--mask", "org", "--limit", "1"]
+    code, out, err = run_main(evaluate.main, argv, capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["config"] == "checkpoint" and report["counts"]["samples"] == 1

@@ -456,3 +456,174 @@ def test_help_and_flag_errors_answer_before_torch_is_imported(script, tmp_path):
         imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
         assert "torch" not in imported and "numpy" not in imported, args
         assert proc.returncode == (0 if args == ["--help"] else 2)
+
+
+# ---- one way to do each thing ------------------------------------------------------------------------
+@pytest.mark.parametrize("script", ["inference", "evaluate"])
+def test_mask_names_and_embedder_flag_are_shared(script):
+    import importlib
+
+    from utils.separation_options import ALL_MODES, MASK_CHOICES
+
+    module = importlib.import_module(script)
+    parser = module.build_parser()
+    mask = next(a for a in parser._actions if "--mask" in a.option_strings)
+    assert tuple(mask.choices) == MASK_CHOICES == (*MASK_MODES, ALL_MODES)
+    for flag in ("-e", "--embedder_path", "--embedder"):  # the trainer's names, and the old alias
+        args = parser.parse_args([flag, "x.pt", "--checkpoint_path", "c.pt", "-o", "o", "-m", "m.wav", "-r", "r.wav"]
+                                 if script == "inference" else [flag, "x.pt", "--checkpoint_path", "c.pt", "-o", "o"])
+        assert args.embedder_path == "x.pt" and args.config is None  # -c is optional
+
+
+def test_mask_names_are_written_once():
+    """No second list of the mode names beside utils/separation_options.py."""
+    for path in [ROOT / "inference.py", ROOT / "evaluate.py", *sorted((ROOT / "utils").glob("*.py"))]:
+        if path.name != "separation_options.py":
+            assert '"inv_div", "inv_sub"' not in path.read_text(), path
+
+
+# ---- the config stored in the checkpoint -------------------------------------------------------------
+def test_config_comes_from_the_checkpoint_when_c_is_absent(tiny, tmp_path, capsys):
+    import inference
+
+    args = ["-e", tiny["embedder"], "--checkpoint_path", tiny["checkpoint"], "-m", tiny["mixes"] / "mix1.wav",
+            "-r", tiny["reference"]]
+    code, _, err = run_main(inference.main, args + ["-o", tmp_path / "stored"], capsys)
+    assert code == 0, err
+    code, _, err = run_main(inference.main, args + ["-c", tiny["config"], "-o", tmp_path / "given"], capsys)
+    assert code == 0, err
+    stored, _ = sf.read(tmp_path / "stored" / "result.wav", dtype="float32")
+    given, _ = sf.read(tmp_path / "given" / "result.wav", dtype="float32")
+    np.testing.assert_array_equal(stored, given)
+
+    state = torch.load(tiny["checkpoint"], weights_only=True)
+    del state["hp_str"]
+    bare = save_checkpoint(state, tmp_path / "no_hp_str.pt")
+    argv = ["-e", tiny["embedder"], "--checkpoint_path", bare, "-m", tiny["mixes"] / "mix1.wav", "-r",
+            tiny["reference"], "-o", tmp_path / "bare"]
+    code, _, err = run_main(inference.main, argv, capsys)
+    assert code == 2 and error_lines(err) == [f"error: checkpoint {bare} stores no config (hp_str): pass the "
+                                              f"config it was trained with as -c"], err
+    assert not (tmp_path / "bare").exists()
+    code, _, err = run_main(inference.main, argv + ["-c", tiny["config"]], capsys)
+    assert code == 0, err
+
+
+# ---- defects -------------------------------------------------------------------------------------------
+def test_unwritable_out_dir_is_one_line_before_any_work(tiny, tmp_path, capsys, monkeypatch):
+    import inference
+    from utils import separation
+
+    blocker = tmp_path / "somefile.txt"
+    blocker.write_text("a file, not a folder")
+    monkeypatch.setattr(separation, "load_separator", lambda *a, **k: pytest.fail("loaded the model first"))
+    code, _, err = run_main(inference.main, base_args(tiny, blocker / "out", "-m", tiny["mixes"] / "mix1.wav"), capsys)
+    assert code == 2 and "Traceback" not in err
+    assert error_lines(err) == [f"error: cannot write to -o folder {blocker / 'out'}: Not a directory"], err
+
+
+def test_verbose_logs_files_model_device_threads_and_timings(tiny, tmp_path):
+    proc = run_script("inference.py", *base_args(tiny, tmp_path / "out", "-m", tiny["mixes"] / "mix1.wav", "-v",
+                                                 "--threads", "1", "--device", "cpu"))
+    assert proc.returncode == 0, proc.stderr
+    log = proc.stderr
+    assert "1 mixture(s), mask org" in log and "using 1 CPU thread(s)" in log
+    assert f"model: {tiny['checkpoint']} (step 0" in log and "on cpu" in log
+    assert f"separating {tiny['mixes'] / 'mix1.wav'} (3.0 s)" in log
+    assert "separated 1 of 1 mixture(s) in " in log
+
+
+def test_a_generator_folder_gives_its_mixtures_only(tmp_path):
+    from utils.separation_options import expand_inputs
+
+    for name in ("000000-mixed.wav", "000000-target.wav", "000001-mixed.wav", "000001-target.wav"):
+        sf.write(tmp_path / name, voice(0.5, 200, 1), RATE)
+    assert [p.name for p in expand_inputs([tmp_path])] == ["000000-mixed.wav", "000001-mixed.wav"]
+
+
+@pytest.mark.parametrize("embedder,seconds", [("tiny", 12700 / RATE), ("resemblyzer", 1.0)])
+def test_a_reference_shorter_than_the_embedders_window_warns(tiny, tmp_path, caplog, embedder, seconds):
+    """The original embedder's window is 80 frames x 160 samples (0.8 s); resemblyzer's 1.6 s."""
+    from utils.separation import reference_dvecs
+
+    spec = tiny["embedder"] if embedder == "tiny" else "resemblyzer"
+    separator = Separator(tiny["hp"], None, load_embedder(spec, tiny["hp"]), torch.device("cpu"))
+    short, long = tmp_path / "short.wav", tmp_path / "long.wav"
+    sf.write(short, voice(seconds, 200, 1)[:round(seconds * RATE)], RATE)
+    sf.write(long, voice(2.0, 200, 1), RATE)
+    with caplog.at_level("WARNING"):
+        dvecs = reference_dvecs(separator, [short, long])
+    assert all(isinstance(d, torch.Tensor) for d in dvecs.values())
+    window = "0.80" if embedder == "tiny" else "1.60"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"reference {short} is {seconds:.2f} s long, shorter than the embedder's {window} s window: its d-vector "
+        f"may not represent the speaker well (use a few seconds of speech)"]
+
+
+def test_a_file_that_is_no_checkpoint_says_what_it_is(tiny, tmp_path, capsys):
+    import inference
+
+    (tmp_path / "config.yaml").write_text("model:\n  lstm_dim: 64\n")
+    cases = {tiny["reference"]: "is a WAV audio file, not a VoiceFilter checkpoint",
+             tmp_path / "config.yaml": "is a text file (a YAML config? give that with -c)",
+             tiny["embedder"]: "holds a speaker embedder's weights, not a VoiceFilter checkpoint: give it with -e"}
+    for path, expected in cases.items():
+        argv = base_args(tiny, tmp_path / "out", "-m", tiny["mixes"] / "mix1.wav")
+        argv[argv.index("--checkpoint_path") + 1] = path
+        code, _, err = run_main(inference.main, argv, capsys)
+        assert code == 2 and len(error_lines(err)) == 1 and expected in err, err
+        assert "pop from empty list" not in err
+
+
+def test_bad_files_among_several_do_not_stop_the_others(tiny, tmp_path, capsys):
+    import inference
+
+    sf.write(tmp_path / "silent.wav", np.zeros(RATE, np.float32), RATE)
+    (tmp_path / "garbage.wav").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, np.uint8).tobytes())
+    good = [tiny["mixes"] / "mix1.wav", tiny["mixes"] / "mix2.wav"]
+    argv = base_args(tiny, tmp_path / "out", "-m", good[0], tmp_path / "silent.wav", tmp_path / "garbage.wav", good[1])
+    code, out, err = run_main(inference.main, argv, capsys)
+    assert code == 1, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["mix1-result.wav", "mix2-result.wav"]
+    assert out.split() == [str(tmp_path / "out" / "mix1-result.wav"), str(tmp_path / "out" / "mix2-result.wav")]
+    failed = [line for line in err.splitlines() if line.startswith("failed:")]
+    assert len(failed) == 2 and str(tmp_path / "silent.wav") in failed[0] and "silent" in failed[0]
+    assert str(tmp_path / "garbage.wav") in failed[1] and "cannot read" in failed[1]
+    assert error_lines(err) == ["error: 2 of 4 mixtures could not be separated (named above); the other 2 were "
+                                "written"]
+    # all of them bad: exit 2, nothing written
+    argv = base_args(tiny, tmp_path / "none", "-m", tmp_path / "silent.wav", tmp_path / "garbage.wav")
+    code, out, err = run_main(inference.main, argv, capsys)
+    assert code == 2 and out == "" and not (tmp_path / "none").exists()
+    assert len([line for line in err.splitlines() if line.startswith("failed:")]) == 2
+    assert error_lines(err) == ["error: none of the 2 mixtures could be separated"]
+
+
+def test_result_picture_shares_scales_and_has_real_axes(tiny, tiny_separator, tmp_path, monkeypatch):
+    """result.png: one colour scale for mixture and outputs, one for mask and gains; seconds and Hz;
+    the file names in the title; the inverse modes' panel is the gain they applied."""
+    from utils import plotting
+    from utils.separation import save_result_picture
+
+    figures = []
+    monkeypatch.setattr(plotting, "_save_figure", lambda fig, path: figures.append(fig))
+    wav = load_wav(tiny["mixes"] / "mix1.wav")
+    dvec = tiny_separator.reference_dvec(load_wav(tiny["reference"]))
+    result = tiny_separator.separate(wav, dvec, list(MASK_MODES), keep_spectra=True)
+    save_result_picture(tmp_path / "result.png", result, tiny["mixes"] / "mix1.wav", tiny["reference"],
+                        list(MASK_MODES), 0.7, tiny["hp"])
+    (fig,) = figures
+    assert "mix1.wav" in fig._suptitle.get_text() and "reference.wav" in fig._suptitle.get_text()
+    panels = {ax.get_title(loc="left"): ax.images[0] for ax in fig.axes if ax.images}
+    assert len(panels) == 1 + 2 * len(MASK_MODES)
+    magnitudes = [im for name, im in panels.items() if name == "mixture" or name.startswith("output")]
+    gains = [im for name, im in panels.items() if name.startswith(("mask", "gain"))]
+    assert len(magnitudes) == 4 and {im.get_clim() for im in magnitudes} == {(0.0, 1.0)}
+    assert len(gains) == 3 and len({im.get_clim() for im in gains}) == 1
+    for im in panels.values():
+        left, right, bottom, top = im.get_extent()
+        assert (left, bottom, top) == (0, 0, 8000.0) and abs(right - 3.01) < 0.01
+    sub = panels["gain applied (inv_sub, factor 0.7; after the clip to the ceiling)"].get_array()
+    mask, mag = result.spectra["mask"], result.spectra["mixture"]
+    expected = np.where(mag * (1 - mask) / 0.7 <= 1, (1 - mask) / 0.7, 1 / np.maximum(mag, 1e-6))
+    np.testing.assert_allclose(np.asarray(sub).T[mag > 1e-3], expected[mag > 1e-3], rtol=1e-4)

@@ -21,20 +21,23 @@ import json
 import logging
 import math
 import multiprocessing
-import os
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from datasets.generation import SETTINGS_FILE
 from datasets.samples import list_samples, read_manifest
+from utils.atomic import write_text
 from utils.audio import load_wav
 from utils.dvec_cache import load_dvecs, reference_key
 from utils.errors import UserError
+from utils.hparams import HParam
 from utils.metrics import sdr, si_sdr
 
 logger = logging.getLogger(__name__)
@@ -43,14 +46,19 @@ TARGET, RESIDUAL = "target", "mixed_minus_target"
 CSV_COLUMNS = ("sample_id", "mode", "reference", "sdr_before", "sdr_after", "sdr_gain", "si_sdr_before",
                "si_sdr_after", "si_sdr_gain", "similarity_before", "similarity_after")
 SUMMARY_METRICS = CSV_COLUMNS[3:]
+SCATTER_FILE = "sdr_before_after.png"
 
 
-def reference_kind(mode):
-    """The clean signal a mode's output is scored against."""
-    return TARGET if mode == "org" else RESIDUAL
+def reference_kind(mode, org_kind=TARGET):
+    """The clean signal a mode's output is scored against: ``org_kind`` for org (what the model
+    keeps), the other one for the inverse modes (what they keep: everything org removes)."""
+    if mode == "org":
+        return org_kind
+    return RESIDUAL if org_kind == TARGET else TARGET
 
 
 def describe_reference(kind, reversed_data):
+    """What the clean signal ``kind`` holds in a folder of normal or reversed data."""
     if kind == TARGET:
         who = "the interfering speaker (reversed data)" if reversed_data else "the reference speaker"
         return f"-target.wav: {who}"
@@ -58,34 +66,115 @@ def describe_reference(kind, reversed_data):
     return f"-mixed.wav minus -target.wav: {who}"
 
 
-def resolve_reversed(samples, split_dir, flag=None):
-    """Whether the folder holds reversed data: ``flag`` if given, else its manifest.jsonl."""
+def split_reversed(split_dir, samples=None):
+    """Whether a generator folder holds reversed data, and from what: ``(True/False, "manifest")``,
+    ``(.., "generation.json")``, or ``(None, "unknown")`` for a folder without either.
+    A manifest that mixes reversed and normal samples is a :class:`UserError`."""
+    split_dir = Path(split_dir)
     manifest = read_manifest(split_dir)
-    values = {bool(manifest[s.sample_id].get("reversed", False)) for s in samples if s.sample_id in manifest}
-    if flag is not None:
-        if values and values != {flag}:
-            logger.warning("--reversed %s, but the manifest of %s says reversed: %s", flag, split_dir,
-                           sorted(values))
-        return bool(flag), "flag"
+    ids = [s.sample_id for s in samples] if samples is not None else list(manifest)
+    values = {bool(manifest[i].get("reversed", False)) for i in ids if i in manifest}
     if len(values) > 1:
         raise UserError(f"the manifest of {split_dir} mixes reversed and normal samples: pass --reversed "
                         f"True or False")
     if values:
         return values.pop(), "manifest"
-    return False, "default (no manifest)"
+    settings = split_dir / SETTINGS_FILE
+    if settings.is_file():
+        try:
+            return bool(json.loads(settings.read_text())["reverse"]), SETTINGS_FILE
+        except (OSError, ValueError, KeyError, TypeError):
+            logger.warning("cannot read %s: whether %s is reversed is unknown", settings, split_dir)
+    return None, "unknown"
+
+
+def model_reversed(hp_str):
+    """Whether the model was trained on reversed data, from the training folder its checkpoint's
+    config names (data.train_dir): ``(True/False, why)``, or ``(None, why)`` when that cannot be told."""
+    if not hp_str:
+        return None, "the checkpoint stores no config"
+    try:
+        train_dir = HParam.from_string(hp_str).data.train_dir
+    except UserError:
+        return None, "the checkpoint's config cannot be read"
+    if not train_dir:
+        return None, "the checkpoint's config names no data.train_dir"
+    if not Path(train_dir).is_dir():
+        return None, f"its training folder {train_dir} is not here"
+    try:
+        value, source = split_reversed(train_dir)
+    except UserError as err:
+        return None, str(err)
+    if value is None:
+        return None, f"its training folder {train_dir} has no manifest.jsonl or {SETTINGS_FILE}"
+    return value, f"its training folder {train_dir} ({source})"
+
+
+@dataclass
+class Targets:
+    """What ``org`` is scored against, and why.
+
+    ``model_reversed``: the model keeps the interfering speaker (trained on reversed data);
+    ``because``: "flag" (--reversed), "model" (its training folder), "folder" (the test
+    folder, when the model's data cannot be told) or "default". ``folder_reversed``: the test
+    folder's -target.wav holds the interfering speaker.
+    """
+
+    model_reversed: bool
+    because: str
+    explanation: str
+    folder_reversed: bool
+    folder_source: str
+
+    @property
+    def org_kind(self):
+        return TARGET if self.model_reversed == self.folder_reversed else RESIDUAL
+
+    def as_dict(self):
+        return {"org_reference": reference_kind("org", self.org_kind),
+                "org_reference_is": describe_reference(self.org_kind, self.folder_reversed),
+                "org_keeps": "the interfering speaker" if self.model_reversed else "the reference speaker",
+                "because": self.because, "explanation": self.explanation,
+                "model_reversed": self.model_reversed, "folder_reversed": self.folder_reversed,
+                "folder_reversed_source": self.folder_source}
+
+
+def decide_targets(samples, split_dir, flag=None, hp_str=None):
+    """:class:`Targets` from ``--reversed`` (``flag``), else the model's training data, else the
+    test folder; a model and a folder that disagree are a warning (the scores follow the model)."""
+    folder, folder_source = split_reversed(split_dir, samples)
+    trained, model_why = model_reversed(hp_str)
+    if flag is not None:
+        value, because, explanation = bool(flag), "flag", f"--reversed {bool(flag)}"
+    elif trained is not None:
+        value, because, explanation = trained, "model", f"the model: {model_why}"
+    elif folder is not None:
+        value, because = folder, "folder"
+        explanation = f"the test folder ({folder_source}), as the model's data cannot be told: {model_why}"
+    else:
+        value, because = False, "default"
+        explanation = f"default: neither the model's data ({model_why}) nor the test folder tells"
+    if folder is None:
+        folder, folder_source = value, "unknown: taken to match the model"
+    elif folder != value:
+        logger.warning("the model keeps %s (%s) but %s holds %s data: org is scored against %s",
+                       "the interfering speaker" if value else "the reference speaker", explanation, split_dir,
+                       "reversed" if folder else "normal", describe_reference(
+                           TARGET if value == folder else RESIDUAL, folder))
+    return Targets(value, because, explanation, folder, folder_source)
 
 
 def score_sample(task):
     """SDR and SI-SDR of one sample's mixture and outputs (a module-level function for the pool).
 
-    ``task``: (mixed [N], target [N], {mode: output [N]}) -> {mode: {metric: value}}.
+    ``task``: (mixed [N], target [N], {mode: output [N]}, org_kind) -> {mode: {metric: value}}.
     """
-    mixed, target, outputs = task
+    mixed, target, outputs, org_kind = task
     references = {TARGET: target, RESIDUAL: mixed - target}
     before = {}
     scores = {}
     for mode, output in outputs.items():
-        kind = reference_kind(mode)
+        kind = reference_kind(mode, org_kind)
         ref = references[kind]
         if kind not in before:
             before[kind] = (sdr(ref, mixed), si_sdr(ref, mixed))
@@ -146,8 +235,9 @@ class _Scorer:
 def evaluate(separator, split_dir, modes, factor, limit=0, reversed_flag=None, jobs=1, progress=True):
     """Score every complete sample of ``split_dir``; returns (rows, info).
 
-    ``rows``: one dict per sample and mode with the :data:`CSV_COLUMNS`. ``info``: counts and
-    what the references are.
+    ``rows``: one dict per sample and mode with the :data:`CSV_COLUMNS`. ``info``: counts,
+    what the references are, and the :class:`Targets` (what org is scored against, and why:
+    ``reversed_flag``, else the training data named by the checkpoint's config).
     """
     hp = separator.hp
     rate = hp.audio.sample_rate
@@ -158,7 +248,9 @@ def evaluate(separator, split_dir, modes, factor, limit=0, reversed_flag=None, j
         samples = samples[:limit]
     if not samples:
         raise UserError(f"no complete samples (-mixed.wav, -target.wav, -dvec.txt) in {split_dir}")
-    reversed_data, reversed_source = resolve_reversed(samples, split_dir, reversed_flag)
+    source = getattr(separator, "source", None)
+    targets = decide_targets(samples, split_dir, reversed_flag, source.hp_str if source else None)
+    org_kind = targets.org_kind
     dvec_of = load_dvecs(samples, split_dir, separator.embedder, rate, write=True, progress=progress)
     ref_dvecs = torch.stack([dvec_of[reference_key(s)] for s in samples]).float()  # [S, E] on CPU
 
@@ -182,11 +274,11 @@ def evaluate(separator, split_dir, modes, factor, limit=0, reversed_flag=None, j
             for i, result in stream:
                 buffer.append((i, result))
                 if len(buffer) >= separator.batch_size:
-                    _score_buffer(buffer, separator, clean, ref_dvecs, modes, scorer, similarities)
+                    _score_buffer(buffer, separator, clean, ref_dvecs, modes, scorer, similarities, org_kind)
                     bar.update(len(buffer))
                     buffer = []
             if buffer:
-                _score_buffer(buffer, separator, clean, ref_dvecs, modes, scorer, similarities)
+                _score_buffer(buffer, separator, clean, ref_dvecs, modes, scorer, similarities, org_kind)
                 bar.update(len(buffer))
         scored = scorer.finish()
     except BaseException:
@@ -196,15 +288,14 @@ def evaluate(separator, split_dir, modes, factor, limit=0, reversed_flag=None, j
     for i, scores in sorted(scored, key=lambda item: item[0]):
         for mode in modes:
             sim_before, sim_after = similarities[i][mode]
-            rows.append({"sample_id": samples[i].sample_id, "mode": mode, "reference": reference_kind(mode),
+            rows.append({"sample_id": samples[i].sample_id, "mode": mode, "reference": reference_kind(mode, org_kind),
                          **scores[mode], "similarity_before": sim_before, "similarity_after": sim_after})
-    info = {"samples_found": found, "samples": len(samples), "reversed_data": reversed_data,
-            "reversed_source": reversed_source,
-            "references": {kind: describe_reference(kind, reversed_data) for kind in (TARGET, RESIDUAL)}}
+    info = {"samples_found": found, "samples": len(samples), "targets": targets,
+            "references": {kind: describe_reference(kind, targets.folder_reversed) for kind in (TARGET, RESIDUAL)}}
     return rows, info
 
 
-def _score_buffer(buffer, separator, clean, ref_dvecs, modes, scorer, similarities):
+def _score_buffer(buffer, separator, clean, ref_dvecs, modes, scorer, similarities, org_kind):
     """D-vectors of mixtures and outputs in one embedder call; SDRs to the scorer."""
     keys = [i for i, _ in buffer]
     waves = [clean[i][0] for i in keys] + [r.wavs[m] for _, r in buffer for m in modes]
@@ -215,7 +306,7 @@ def _score_buffer(buffer, separator, clean, ref_dvecs, modes, scorer, similariti
     for j, (i, result) in enumerate(buffer):
         similarities[i] = {m: (float(before[j]), float(after[j, k])) for k, m in enumerate(modes)}
         mixed, target = clean.pop(i)
-        scorer.submit(i, (mixed, target, {m: result.wavs[m] for m in modes}))
+        scorer.submit(i, (mixed, target, {m: result.wavs[m] for m in modes}, org_kind))
 
 
 # ---- summary and files -------------------------------------------------------------------------
@@ -225,13 +316,13 @@ def _stat(values, fn):
     return float(fn(values)) if values.size else float("nan")
 
 
-def summarize(rows, modes, reversed_data):
+def summarize(rows, modes, targets):
     """Per mode: the reference, the count, and median/mean of every metric (NaN left out)."""
     summary = {}
     for mode in modes:
         mine = [r for r in rows if r["mode"] == mode]
-        entry = {"reference": reference_kind(mode), "reference_is": describe_reference(reference_kind(mode),
-                                                                                      reversed_data),
+        kind = reference_kind(mode, targets.org_kind)
+        entry = {"reference": kind, "reference_is": describe_reference(kind, targets.folder_reversed),
                  "count": len(mine),
                  "sdr_undefined": int(sum(not math.isfinite(r["sdr_after"]) for r in mine))}
         for metric in SUMMARY_METRICS:
@@ -251,61 +342,35 @@ def _json_safe(obj):
     return obj
 
 
-def _write_text(path, text):
-    """Write a text file atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_csv(path, rows):
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in row.items()})
-    return _write_text(path, out.getvalue())
+    return write_text(path, out.getvalue())
 
 
 def write_report(path, report):
-    return _write_text(path, json.dumps(_json_safe(report), indent=2) + "\n")
+    return write_text(path, json.dumps(_json_safe(report), indent=2) + "\n")
 
 
-def histogram_series(rows, modes):
-    """``{label: SDR values}``: the mixture once per reference, then each mode's output."""
-    series = {}
-    for kind in dict.fromkeys(reference_kind(m) for m in modes):
-        first = next(m for m in modes if reference_kind(m) == kind)
-        label = "mixture vs target" if kind == TARGET else "mixture vs mixed - target"
-        series[label] = [r["sdr_before"] for r in rows if r["mode"] == first]
-    for mode in modes:
-        series[f"{mode} output"] = [r["sdr_after"] for r in rows if r["mode"] == mode]
-    return series
+def write_scatter(out_dir, rows, summary):
+    """``sdr_before_after.png``: per mode, each sample's SDR of the mixture against its output's."""
+    from utils.plotting import save_before_after
+
+    pairs = {}
+    for mode, entry in summary.items():
+        mine = [r for r in rows if r["mode"] == mode]
+        pairs[mode] = (f"scored against {entry['reference_is']}", [r["sdr_before"] for r in mine],
+                       [r["sdr_after"] for r in mine])
+    return save_before_after(Path(out_dir) / SCATTER_FILE, pairs,
+                             title="SDR per sample: above the diagonal, the output beats the mixture")
 
 
-def write_histograms(out_dir, rows, modes):
-    """``sdr_histogram.png`` (all modes), and one per mode when there are several."""
-    from utils.plotting import save_histogram
-
-    out_dir = Path(out_dir)
-    paths = [save_histogram(out_dir / "sdr_histogram.png", histogram_series(rows, modes),
-                            title="SDR before (mixture) and after (output)")]
-    if len(modes) > 1:
-        for mode in modes:
-            paths.append(save_histogram(out_dir / f"sdr_histogram_{mode}.png", histogram_series(rows, [mode]),
-                                        title=f"SDR, {mode} (against {reference_kind(mode)})"))
-    return paths
-
-
-def format_table(summary):
-    """The summary as a text table: per mode, a median and a mean line."""
+def format_table(summary, targets=None):
+    """The summary as a text table: per mode, a median and a mean line; then what each mode is
+    scored against, and why (``targets``: :meth:`Targets.as_dict`)."""
     head = (f"{'mode':<8} {'stat':<6} {'SDR in':>8} {'SDR out':>8} {'gain':>7} {'SI-SDR in':>10} "
             f"{'SI-SDR out':>10} {'gain':>7} {'sim in':>7} {'sim out':>7}")
     lines = [head, "-" * len(head)]
@@ -318,24 +383,29 @@ def format_table(summary):
     lines.append("")
     for mode, entry in summary.items():
         lines.append(f"{mode}: {entry['count']} samples, scored against {entry['reference_is']}")
+    if targets is not None:
+        lines.append(f"why: the model keeps {targets['org_keeps']}, as said by {targets['explanation']}")
     return "\n".join(lines)
 
 
 def run_evaluation(separator, split_dir, out_dir, modes, factor, limit=0, reversed_flag=None, jobs=1,
                    progress=True, meta=None):
-    """Evaluate, write report.json, per_sample.csv and the histograms; return the report dict."""
+    """Evaluate, write report.json, per_sample.csv and the SDR scatter; return the report dict
+    (its ``targets`` entry is the :class:`Targets` as a dict)."""
     start = time.time()
     rows, info = evaluate(separator, split_dir, modes, factor, limit=limit, reversed_flag=reversed_flag,
                           jobs=jobs, progress=progress)
-    summary = summarize(rows, modes, info["reversed_data"])
+    targets = info["targets"]
+    summary = summarize(rows, modes, targets)
     out_dir = Path(out_dir)
     report = {**(meta or {}), "test_dir": str(split_dir), "factor": factor, "inv_div_eps": separator.eps,
-              "reversed_data": info["reversed_data"], "reversed_source": info["reversed_source"],
+              "reversed_data": targets.folder_reversed, "reversed_source": targets.folder_source,
+              "org_scored_against": targets.as_dict(),
               "counts": {"samples_found": info["samples_found"], "samples": info["samples"],
                          "modes": len(modes), "rows": len(rows)},
               "references": info["references"], "modes": summary,
               "seconds": round(time.time() - start, 1)}
     write_csv(out_dir / "per_sample.csv", rows)
-    write_histograms(out_dir, rows, modes)
+    write_scatter(out_dir, rows, summary)
     write_report(out_dir / "report.json", report)
     return report

@@ -1,8 +1,9 @@
-"""Pictures: spectrogram panels for TensorBoard and files, SDR histograms.
+"""Pictures: spectrogram panels for TensorBoard and files, SDR before/after scatters.
 
 matplotlib's Agg backend only (no display); figures are rendered through
 ``buffer_rgba`` (the original's ``tostring_rgb`` is gone from matplotlib).
 """
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -44,20 +45,62 @@ def _save_figure(fig, path):
     return Path(path)
 
 
-def save_spectrograms(path, panels, hop_seconds=None):
-    """Save a PNG with one panel per ``{title: [T, F] array}``, stacked vertically."""
-    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.6 * len(panels)), squeeze=False)
-    for ax, (title, spec) in zip(axes[:, 0], panels.items(), strict=True):
+def save_spectrograms(path, panels, hop_seconds=None, gain_panels=(), title=None, max_hz=None):
+    """Save a PNG with one panel per ``{title: [T, F] array}``, stacked vertically, time on x.
+
+    Panels named in ``gain_panels`` (masks, gains) share one colour scale from 0; the others
+    (normalized magnitudes in [0, 1]) share the scale 0..1, so mixture and results compare
+    at a glance (each panel repeats its group's colour bar). ``hop_seconds`` and ``max_hz`` put
+    the axes in seconds and Hz.
+    """
+    n = len(panels)
+    fig, axes = plt.subplots(n, 1, figsize=(10, 2.2 * n + 0.6), squeeze=False, sharex=True, layout="constrained")
+    axes = axes[:, 0]
+    gains = [np.asarray(v) for k, v in panels.items() if k in gain_panels]
+    gain_max = max([1.0] + [float(np.percentile(g, 99.5)) for g in gains if g.size])
+    over = any(float(np.max(g)) > gain_max for g in gains if g.size)
+    styles = {False: ({"vmin": 0.0, "vmax": 1.0, "cmap": "magma"}, "magnitude\n(normalized log)", "neither"),
+              True: ({"vmin": 0.0, "vmax": gain_max, "cmap": "viridis"}, "multiplier", "max" if over else "neither")}
+    for ax, (name, spec) in zip(axes, panels.items(), strict=True):
         spec = np.asarray(spec)
-        extent = None
-        if hop_seconds:
-            extent = [0, spec.shape[0] * hop_seconds, 0, spec.shape[1]]
-        im = ax.imshow(spec.T, aspect="auto", origin="lower", interpolation="none", extent=extent)
-        fig.colorbar(im, ax=ax)
-        ax.set_title(title)
-        ax.set_ylabel("frequency bin")
-    axes[-1, 0].set_xlabel("seconds" if hop_seconds else "frames")
-    fig.tight_layout()
+        extent = [0, spec.shape[0] * (hop_seconds or 1), 0, max_hz or spec.shape[1]]
+        style, label, extend = styles[name in gain_panels]
+        im = ax.imshow(spec.T, aspect="auto", origin="lower", interpolation="none", extent=extent, **style)
+        fig.colorbar(im, ax=ax, label=label, extend=extend, pad=0.01)
+        ax.set_title(name, fontsize=10, loc="left")
+        ax.set_ylabel("frequency (Hz)" if max_hz else "frequency bin")
+    axes[-1].set_xlabel("time (s)" if hop_seconds else "frames")
+    if title:
+        fig.suptitle(title)
+    return _save_figure(fig, path)
+
+
+def save_before_after(path, pairs, xlabel="SDR of the mixture (dB)", ylabel="SDR of the output (dB)", title=None):
+    """Save one scatter per ``{name: (subtitle, before values, after values)}``, side by side on the
+    same axes, with the diagonal: a point above it is a sample the output improved."""
+    fig, axes = plt.subplots(1, len(pairs), figsize=(4.4 * len(pairs) + 0.4, 5.4), squeeze=False,
+                             layout="constrained")
+    finite = [np.asarray(v, dtype=float) for _, before, after in pairs.values() for v in (before, after)]
+    finite = np.concatenate([v[np.isfinite(v)] for v in finite]) if finite else np.zeros(0)
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    pad = 0.05 * (hi - lo or 1.0)
+    lo, hi = lo - pad, hi + pad
+    for ax, (name, (subtitle, before, after)) in zip(axes[0], pairs.items(), strict=True):
+        before, after = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
+        ok = np.isfinite(before) & np.isfinite(after)
+        gain = after[ok] - before[ok]
+        ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--", label="no change")
+        label = (f"{ok.sum()} samples, median gain {np.median(gain):+.2f} dB, {np.sum(gain > 0)} improved"
+                 if ok.any() else "no finite values")
+        ax.scatter(before[ok], after[ok], s=12, alpha=0.6, label=label)
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_title("\n".join([name, *textwrap.wrap(subtitle, 42)]), fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.legend(fontsize=7, loc="upper left")
+    axes[0, 0].set_ylabel(ylabel)
+    if title:
+        fig.suptitle(title)
     return _save_figure(fig, path)
 
 

@@ -4,13 +4,16 @@ Kept free of torch and numpy so that ``inference.py --help``, a bad flag or a mi
 file answer at once, before the deep-learning stack is imported (about 1.5 s).
 """
 import argparse
+import contextlib
 from pathlib import Path
 
-from utils.cli import add_bool_flag
+from utils.cli import add_bool_flag, check_writable_dir
 from utils.errors import UserError
 
+# The mask modes, named once: the flags' choices, the outputs' names and the evaluation's rows.
 MASK_MODES = ("org", "inv_div", "inv_sub")
 ALL_MODES = "all"
+MASK_CHOICES = (*MASK_MODES, ALL_MODES)
 DEFAULT_FACTOR = 0.7
 # Floor of the mask in inv_div (factor * mag / max(mask, eps)). The parity
 # fixture's smallest mask value is 0.45, far above it.
@@ -23,6 +26,8 @@ CHUNK_SECONDS = 30.0
 OVERLAP_SECONDS = 3.0
 BATCH_SIZE = 8
 
+# A generator split holds NNNNNN-mixed.wav beside its clean -target.wav: only the former are mixtures.
+GENERATOR_MIXTURE_SUFFIX = "-mixed.wav"
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".aifc", ".au",
                   ".snd", ".w64", ".caf", ".rf64"}
 
@@ -64,12 +69,20 @@ def parse_modes(text):
     return [text]
 
 
+def add_mask_arguments(parser, default, help):
+    """``--mask`` with the choices :data:`MASK_CHOICES` (inference and evaluate)."""
+    parser.add_argument("--mask", default=default, choices=MASK_CHOICES, help=help)
+
 
 # ---- model flags -------------------------------------------------------------------------------
 def add_model_arguments(parser):
-    """The flags that name a trained model: ``-c``, ``-e``, ``--checkpoint_path`` (inference and evaluate)."""
-    parser.add_argument("-c", "--config", required=True, help="the YAML config the model was trained with")
-    parser.add_argument("-e", "--embedder_path", "--embedder", dest="embedder", default="resemblyzer",
+    """The flags that name a trained model: ``-c``, ``-e``, ``--checkpoint_path`` (inference and evaluate).
+
+    ``-e/--embedder_path`` is the trainer's flag; ``--embedder`` stays accepted as an alias."""
+    parser.add_argument("-c", "--config", default=None,
+                        help="the YAML config the model was trained with (default: the one stored in the "
+                             "checkpoint)")
+    parser.add_argument("-e", "--embedder_path", "--embedder", dest="embedder_path", default="resemblyzer",
                         help="an original-format embedder.pt, or 'resemblyzer' (pretrained, offline)")
     parser.add_argument("--checkpoint_path", required=True,
                         help="a trainer checkpoint (chkpt_STEP.pt or best.pt)")
@@ -97,16 +110,20 @@ def result_names(stem, modes, many):
 def expand_inputs(paths, out_dir=None):
     """Files and folders (every audio file in them, sorted) -> a list of files.
 
-    Files of a folder that are this program's own results in ``out_dir`` are left out,
-    so a rerun into the input folder does not separate its outputs again.
+    A folder the generator wrote (it holds ``*-mixed.wav``) gives its mixtures only, not the
+    clean ``-target.wav`` beside them. Files of a folder that are this program's own results
+    in ``out_dir`` are left out, so a rerun into the input folder does not separate its
+    outputs again.
     """
     files = []
     for path in map(Path, paths):
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+            mixtures = [p for p in found if p.name.endswith(GENERATOR_MIXTURE_SUFFIX)]
+            if mixtures:
+                found = mixtures
             if out_dir is not None and path.resolve() == Path(out_dir).resolve():
-                found = [p for p in found if not (p.stem == "result" or p.stem.startswith("result_")
-                                                  or "-result" in p.stem)]
+                found = [p for p in found if not is_result_name(p.stem)]
             if not found:
                 raise UserError(f"no audio files ({', '.join(sorted(AUDIO_SUFFIXES))}) in folder {path}")
             files.extend(found)
@@ -115,6 +132,25 @@ def expand_inputs(paths, out_dir=None):
         else:
             raise UserError(f"audio file not found: {path}")
     return files
+
+
+def is_result_name(stem):
+    """Whether a file stem is one of :func:`result_names`' outputs."""
+    return stem == "result" or stem.startswith("result_") or "-result" in stem
+
+
+@contextlib.contextmanager
+def output_folder(path, flag="-o"):
+    """Make ``path`` and prove it writable before any work (one line, exit 2, when it is not);
+    a folder this run created is removed again if the run ends with nothing in it."""
+    path = Path(path)
+    created = not path.exists()
+    check_writable_dir(path, flag)
+    try:
+        yield path
+    finally:
+        if created and path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
 
 
 def pair_references(inputs, references):
