@@ -150,12 +150,12 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     import os
     import stat
 
-    from utils.plotting import save_histogram
+    from utils.plotting import save_before_after
 
     old = os.umask(0o022)
     try:
         save_wav(tmp_path / "r.wav", tone(0.5))
-        save_histogram(tmp_path / "h.png", {"a": np.arange(10.0)})
+        save_before_after(tmp_path / "h.png", {"org": ("a", np.arange(10.0), np.arange(10.0) + 1)})
     finally:
         os.umask(old)
     for name in ("r.wav", "h.png"):
