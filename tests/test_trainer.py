@@ -27,9 +27,9 @@ from trainer import main as trainer_main
 from utils.audio import Audio, save_wav
 from utils.checkpoint import compact_checkpoint, load_checkpoint, save_checkpoint
 from utils.dvec_cache import cache_path
-from utils.errors import UserError
+from utils.errors import TrainingDiverged, UserError, run_cli
 from utils.hparams import HParam
-from utils.train import StopSignals, TrainingDiverged, make_loss, run_training
+from utils.train import StopSignals, make_loss, run_training
 
 RATE = 16000
 N_TRAIN, N_TEST = 16, 4
@@ -349,7 +349,9 @@ def test_nan_loss_stops_with_exit_1(data, tmp_path, capsys):
         f.unlink()
         torch.save(torch.full((51, 257), float("nan")), f)
     (bad / "embedder.pt").symlink_to(data / "embedder.pt")
-    assert train(bad, "nan", write_config(tmp_path / "c.yaml")) == 1
+    with pytest.raises(SystemExit) as exit_status:  # as trainer.py runs main: run_cli reports the error
+        run_cli(lambda argv: train(bad, "nan", write_config(tmp_path / "c.yaml")))
+    assert exit_status.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: loss exploded to nan at step 1")
     assert not (bad / "chkpt" / "nan" / "chkpt_1.pt").exists()
@@ -445,7 +447,7 @@ def test_ddp_two_processes_gloo(data, tmp_path):
 
 def test_checkpoint_state_loads_weights_only(tmp_path):
     """The RNG states stored for exact resume survive ``torch.load(weights_only=True)``."""
-    from utils.train import rng_state, set_rng_state
+    from utils.training_state import rng_state, set_rng_state
     save_checkpoint({"model": {}, "rng": rng_state()}, tmp_path / "c.pt")
     state = torch.load(tmp_path / "c.pt", weights_only=True)
     expected = (random.random(), np.random.random(), torch.rand(3))
