@@ -194,7 +194,8 @@ def run_training(hp, name, base_dir=".", embedder="resemblyzer", checkpoint_path
             if overwrite:
                 clear_earlier_run(chkpt_dir, keep=init_from)
             write_config_copy(chkpt_dir, hp)
-            writer = MyWriter(hp, str(log_dir), purge_step=state.step)  # hides an earlier run's later steps
+            # TensorBoard hides what an earlier run wrote from this run's first step on
+            writer = MyWriter(hp, str(log_dir), purge_step=state.step + 1)
             cleanup.callback(writer.close)
             test_loader = create_dataloader(hp, test_set, False, device, seed=hp.train.seed)
             validator = Validator(test_loader, Audio(hp), loss_fn, device, hp.train.precision, progress=progress)
