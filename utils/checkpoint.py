@@ -150,21 +150,12 @@ def save_best(chkpt_dir, state):
                             "sdr": state.best_sdr, "embedder": state.embedder}, Path(chkpt_dir) / BEST_NAME)
 
 
-def _config_changes(old_hp_str, hp):
+def config_changes_or_none(old_hp_str, hp):
     """``[(key, old, new)]`` between a checkpoint's config and this run's; None when the old one cannot be read."""
     try:
         return config_changes(old_hp_str or "", hp)
     except UserError:
         return None
-
-
-def config_differences(old_hp_str, hp):
-    """``['train.adam: 0.001 -> 0.0005', ...]``, hyper-parameters only (not NOT_HYPERPARAMETERS);
-    None when the old config cannot be read."""
-    changes = _config_changes(old_hp_str, hp)
-    if changes is None:
-        return None
-    return [f"{k}: {old!r} -> {new!r}" for k, old, new in changes if k not in NOT_HYPERPARAMETERS]
 
 
 def _same_folder(a, b):
@@ -187,8 +178,9 @@ def resume(path, state, hp):
     """
     ckpt = load_checkpoint(path, map_location="cpu")
     load_model_weights(state.model, ckpt["model"], path)
-    diffs = config_differences(ckpt.get("hp_str"), hp)
-    if diffs is None:
+    changes = config_changes_or_none(ckpt.get("hp_str"), hp)
+    diffs = [f"{k}: {old!r} -> {new!r}" for k, old, new in changes or () if k not in NOT_HYPERPARAMETERS]
+    if changes is None:
         logger.warning("the checkpoint's config cannot be read; using the given config")
     elif diffs:
         logger.warning("New hparams is different from checkpoint (using the new ones): %s", "; ".join(diffs))
@@ -197,14 +189,12 @@ def resume(path, state, hp):
     except (ValueError, KeyError) as err:
         raise UserError(f"the optimizer state in {path} does not fit this model: {err}") from None
     _warn_other_embedder(ckpt, state)
-    old_test_dir = next((old for k, old, _ in _config_changes(ckpt.get("hp_str"), hp) or () if k == "data.test_dir"),
-                        None)
-    if state.best_sdr is not None and old_test_dir is not None:
-        if not _same_folder(old_test_dir, hp.data.test_dir):
-            logger.info("the checkpoint's best median SDR (%.2f dB) was measured on %s, this run validates on %s: "
-                        "the best score starts afresh, and best.pt follows the new test set", state.best_sdr,
-                        old_test_dir, hp.data.test_dir)
-            state.best_sdr = None
+    old_test_dir = next((old for k, old, _ in changes or () if k == "data.test_dir"), None)
+    if state.best_sdr is not None and old_test_dir is not None and not _same_folder(old_test_dir, hp.data.test_dir):
+        logger.info("the checkpoint's best median SDR (%.2f dB) was measured on %s, this run validates on %s: "
+                    "the best score starts afresh, and best.pt follows the new test set", state.best_sdr,
+                    old_test_dir, hp.data.test_dir)
+        state.best_sdr = None
     return state
 
 

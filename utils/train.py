@@ -168,24 +168,13 @@ def run_training(hp, name, base_dir=".", embedder="resemblyzer", checkpoint_path
         train_loader, test_set, embedder_name = load_data(hp, dist, embedder, train_dir, test_dir, progress)
 
         # model, optimizer, scaler, position: fresh, resumed, or another run's weights
-        model = VoiceFilter(hp).to(device)
-        state = TrainingState(model, make_optimizer(hp, model.parameters()),
-                              torch.amp.GradScaler(device.type, enabled=hp.train.precision == "fp16"),
-                              hp_str=hp.hp_str, embedder=embedder_name,
-                              batches_per_epoch=train_loader.sampler.batches_per_epoch, world_size=dist.world_size)
-        logger.info("VoiceFilter: %.2f M parameters", count_parameters(model) / 1e6)
-        if checkpoint_path:
-            logger.info("Resuming from checkpoint: %s", checkpoint_path)
-            resume(checkpoint_path, state, hp)
-        elif init_from:
-            init_weights(init_from, state)
-        else:
-            logger.info("Starting new training run")
+        state = make_state(hp, dist, embedder_name, train_loader.sampler.batches_per_epoch, checkpoint_path,
+                           init_from)
         if hp.train.max_steps and state.step >= hp.train.max_steps:
             logger.info("the checkpoint is at step %d, train.max_steps is %d: nothing to train", state.step,
                         hp.train.max_steps)
             return 0
-        model = wrap(model, dist)
+        model = wrap(state.model, dist)
         model.train()
 
         # rank 0 validates, logs and writes the checkpoints
@@ -324,6 +313,26 @@ def load_data(hp, dist, embedder_spec, train_dir, test_dir, progress):
     logger.info("%d training samples (batches per epoch and process: %d), %s test samples", len(train_set),
                 train_loader.sampler.batches_per_epoch, len(test_set) if test_set is not None else "-")
     return train_loader, test_set, embedder_name
+
+
+def make_state(hp, dist, embedder_name, batches_per_epoch, checkpoint_path=None, init_from=None):
+    """A new :class:`TrainingState` on this process's device, then resumed from ``checkpoint_path``
+    or given the weights of ``init_from``. The model's random init comes first either way, so a
+    fresh run draws the same random numbers as before."""
+    model = VoiceFilter(hp).to(dist.device)
+    state = TrainingState(model, make_optimizer(hp, model.parameters()),
+                          torch.amp.GradScaler(dist.device.type, enabled=hp.train.precision == "fp16"),
+                          hp_str=hp.hp_str, embedder=embedder_name, batches_per_epoch=batches_per_epoch,
+                          world_size=dist.world_size)
+    logger.info("VoiceFilter: %.2f M parameters", count_parameters(model) / 1e6)
+    if checkpoint_path:
+        logger.info("Resuming from checkpoint: %s", checkpoint_path)
+        resume(checkpoint_path, state, hp)
+    elif init_from:
+        init_weights(init_from, state)
+    else:
+        logger.info("Starting new training run")
+    return state
 
 
 class StepTimer:
