@@ -551,6 +551,11 @@ def test_new_run_over_an_earlier_one_is_refused_and_overwrite_starts_over(data, 
     assert HParam.from_string((folder / "config.yaml").read_text()).train.max_steps == 2
     assert tensorboard_steps(data / "logs" / "again", "train_loss") == [1, 2]
     assert tensorboard_steps(data / "logs" / "again", "SDR") == [2]
+    # starting over from a checkpoint of the folder itself: that file is kept
+    one = write_config(data / "again3.yaml", {"train": {"max_steps": 1}})
+    assert train(data, "again", one, "--overwrite", "--init_from", str(folder / "chkpt_2.pt")) == 0
+    assert {p.name for p in folder.iterdir()} == {"chkpt_1.pt", "chkpt_2.pt", "best.pt", "config.yaml"}
+    assert load_checkpoint(folder / "best.pt")["step"] == 1
 
 
 def test_resume_from_an_earlier_checkpoint_shows_each_step_once_in_tensorboard(data):
