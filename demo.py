@@ -67,7 +67,8 @@ def main(argv=None):
                               "--train_size", args.train_size, "--test_size", args.test_size,
                               "--train_subsets", "train-clean-100", "--reverse_data", "False"])
     if not chkpt.exists():
-        resume = [] if args.from_scratch else ["--checkpoint_path", PRETRAINED]
+        # from scratch, a rerun starts over where an interrupted one left checkpoints (else refused)
+        resume = ["--overwrite"] if args.from_scratch else ["--checkpoint_path", PRETRAINED]
         run("train", ["trainer.py", "-c", CONFIG, "-e", "resemblyzer", "-m", name, "-b", out,
                       "--train_dir", data / "train", "--test_dir", data / "test",
                       "--max_steps", last_step, "--device", "cpu", *resume])

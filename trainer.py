@@ -2,13 +2,12 @@
 
 Checkpoints go to ``BASE/chkpt/NAME/chkpt_STEP.pt`` (plus ``best.pt`` and the
 run's ``config.yaml``), logs and TensorBoard events to ``BASE/logs/NAME``.
-``--checkpoint_path chkpt/NAME/chkpt_STEP.pt`` resumes. Multi-GPU:
+``--checkpoint_path chkpt/NAME/chkpt_STEP.pt`` resumes; ``--init_from CKPT``
+starts a new run from another run's weights. Multi-GPU:
 ``torchrun --nproc_per_node N trainer.py ...``. The procedure lives in
 :mod:`utils.train`.
 """
-import sys
-
-from utils.cli import UserErrorParser, add_device_flag
+from utils.cli import UserErrorParser, add_bool_flag, add_device_flag, add_threads_flag
 from utils.errors import run_cli
 from utils.hparams import HParam
 
@@ -22,12 +21,20 @@ def build_parser():
     parser.add_argument("-m", "--model", required=True,
                         help="name of the run, used for its checkpoint and log folders")
     parser.add_argument("-b", "--base_dir", default=".", help="root folder of chkpt/ and logs/ (default: .)")
-    parser.add_argument("--checkpoint_path", default=None, help="checkpoint to resume from")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--checkpoint_path", default=None, help="checkpoint to resume from")
+    start.add_argument("--init_from", default=None, metavar="CKPT",
+                       help="start a new run from this checkpoint's weights only (fine-tuning): new optimizer, "
+                            "step 0, no best score")
+    add_bool_flag(parser, "--overwrite",
+                  help="start over in a run folder that already holds checkpoints: deletes that run's "
+                       "chkpt_*.pt and best.pt (without it such a run is refused)")
     parser.add_argument("--max_steps", type=int, default=None,
                         help="stop at this step (overrides train.max_steps; 0: until interrupted)")
     parser.add_argument("--train_dir", default=None, help="training samples (overrides data.train_dir)")
     parser.add_argument("--test_dir", default=None, help="test samples (overrides data.test_dir)")
     add_device_flag(parser)
+    add_threads_flag(parser)
     return parser
 
 
@@ -41,13 +48,10 @@ def main(argv=None):
     if args.test_dir is not None:
         hp.data.test_dir = args.test_dir
 
-    from utils.train import TrainingDiverged, run_training  # torch and friends: after the flags are checked
-    try:
-        return run_training(hp, args.model, base_dir=args.base_dir, embedder=args.embedder_path,
-                            checkpoint_path=args.checkpoint_path, device=args.device)
-    except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    from utils.train import run_training  # torch and friends: after the flags are checked
+    return run_training(hp, args.model, base_dir=args.base_dir, embedder=args.embedder_path,
+                        checkpoint_path=args.checkpoint_path, init_from=args.init_from, overwrite=args.overwrite,
+                        threads=args.threads, device=args.device)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,9 @@ from trainer import main as trainer_main
 from utils.audio import Audio, save_wav
 from utils.checkpoint import compact_checkpoint, load_checkpoint, save_checkpoint
 from utils.dvec_cache import cache_path
-from utils.errors import UserError
+from utils.errors import TrainingDiverged, UserError, run_cli
 from utils.hparams import HParam
-from utils.train import StopSignals, TrainingDiverged, make_loss, run_training
+from utils.train import StopSignals, make_loss, run_training
 
 RATE = 16000
 N_TRAIN, N_TEST = 16, 4
@@ -349,7 +349,9 @@ def test_nan_loss_stops_with_exit_1(data, tmp_path, capsys):
         f.unlink()
         torch.save(torch.full((51, 257), float("nan")), f)
     (bad / "embedder.pt").symlink_to(data / "embedder.pt")
-    assert train(bad, "nan", write_config(tmp_path / "c.yaml")) == 1
+    with pytest.raises(SystemExit) as exit_status:  # as trainer.py runs main: run_cli reports the error
+        run_cli(lambda argv: train(bad, "nan", write_config(tmp_path / "c.yaml")))
+    assert exit_status.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: loss exploded to nan at step 1")
     assert not (bad / "chkpt" / "nan" / "chkpt_1.pt").exists()
@@ -445,7 +447,7 @@ def test_ddp_two_processes_gloo(data, tmp_path):
 
 def test_checkpoint_state_loads_weights_only(tmp_path):
     """The RNG states stored for exact resume survive ``torch.load(weights_only=True)``."""
-    from utils.train import rng_state, set_rng_state
+    from utils.training_state import rng_state, set_rng_state
     save_checkpoint({"model": {}, "rng": rng_state()}, tmp_path / "c.pt")
     state = torch.load(tmp_path / "c.pt", weights_only=True)
     expected = (random.random(), np.random.random(), torch.rand(3))
@@ -486,3 +488,188 @@ def test_bf16_and_channels_last_steps_stay_close_to_fp32():
         loss, mask = results[name]
         assert abs(loss - loss32) <= 0.02 * loss32, name
         assert (mask - mask32).abs().max() < 0.02, name
+
+
+# ---- starting a run: folders, earlier runs, fine-tuning, threads ----------------------------------
+CHECKPOINT_KEYS = {"model", "optimizer", "step", "hp_str",  # the original's
+                   "epoch", "batch_in_epoch", "world_size", "rng", "scaler", "best_sdr", "embedder"}
+
+
+def cli(*argv):
+    """trainer.py's main as the script runs it (through run_cli); returns the exit status."""
+    with pytest.raises(SystemExit) as exit_status:
+        run_cli(lambda _: trainer_main([str(a) for a in argv]))
+    return exit_status.value.code
+
+
+def tensorboard_steps(logdir, tag):
+    """The steps TensorBoard shows for ``tag`` (it hides what a later run's purge_step covers)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    return [event.step for event in EventAccumulator(str(logdir)).Reload().Scalars(tag)]
+
+
+def _parameters_only(weights):
+    return {k: v for k, v in weights.items() if "running_" not in k and "num_batches" not in k}
+
+
+def test_checkpoint_keys_stay_those_of_earlier_versions(learning_run):
+    """Checkpoints of earlier versions resume because the file keeps exactly these keys."""
+    assert set(load_checkpoint(learning_run / "chkpt" / "learn" / "chkpt_40.pt")) == CHECKPOINT_KEYS
+
+
+def test_unwritable_base_dir_is_one_line_before_any_compute(data, tmp_path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file, not a folder")
+    config = write_config(tmp_path / "c.yaml")
+    proc = subprocess.run([sys.executable, str(ROOT / "trainer.py"), "-c", str(config), "-m", "x",
+                           "-e", str(data / "embedder.pt"), "-b", str(blocker / "out"), "--train_dir",
+                           str(data / "train"), "--test_dir", str(data / "test"), "--device", "cpu"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot write to -b folder"), lines
+    assert str(blocker) in lines[0]
+
+
+def test_new_run_over_an_earlier_one_is_refused_and_overwrite_starts_over(data, capsys):
+    config = write_config(data / "again.yaml", {"train": {"max_steps": 4, "checkpoint_interval": 2}})
+    assert train(data, "again", config) == 0
+    folder = data / "chkpt" / "again"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    capsys.readouterr()
+    assert cli("-c", config, "-e", data / "embedder.pt", "-m", "again", "-b", data, "--train_dir", data / "train",
+               "--test_dir", data / "test", "--device", "cpu") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:"), err
+    assert f"--checkpoint_path {folder / 'chkpt_4.pt'}" in err[0] and "--overwrite" in err[0]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # best.pt, config.yaml untouched
+    # --overwrite: a new run, alone in the folder and in TensorBoard
+    shorter = write_config(data / "again2.yaml", {"train": {"max_steps": 2, "checkpoint_interval": 2}})
+    assert train(data, "again", shorter, "--overwrite") == 0
+    assert {p.name for p in folder.iterdir()} == {"chkpt_2.pt", "best.pt", "config.yaml"}
+    assert HParam.from_string((folder / "config.yaml").read_text()).train.max_steps == 2
+    assert tensorboard_steps(data / "logs" / "again", "train_loss") == [1, 2]
+    assert tensorboard_steps(data / "logs" / "again", "SDR") == [2]
+    # starting over from a checkpoint of the folder itself: that file is kept
+    one = write_config(data / "again3.yaml", {"train": {"max_steps": 1}})
+    assert train(data, "again", one, "--overwrite", "--init_from", str(folder / "chkpt_2.pt")) == 0
+    assert {p.name for p in folder.iterdir()} == {"chkpt_1.pt", "chkpt_2.pt", "best.pt", "config.yaml"}
+    assert load_checkpoint(folder / "best.pt")["step"] == 1
+
+
+def test_resume_from_an_earlier_checkpoint_shows_each_step_once_in_tensorboard(data):
+    config = write_config(data / "tb.yaml", {"train": {"max_steps": 4, "checkpoint_interval": 2}})
+    assert train(data, "tb", config) == 0
+    assert train(data, "tb", config, "--checkpoint_path", str(data / "chkpt" / "tb" / "chkpt_2.pt")) == 0
+    assert tensorboard_steps(data / "logs" / "tb", "train_loss") == [1, 2, 3, 4]
+    assert tensorboard_steps(data / "logs" / "tb", "SDR") == [2, 4]
+    assert len(read_events(data / "logs" / "tb")["train_loss"]) == 6  # both runs' events are in the files
+
+
+def test_stale_temporaries_are_removed_at_start(data):
+    config = write_config(data / "stale.yaml", {"train": {"max_steps": 2, "checkpoint_interval": 2}})
+    assert train(data, "stale", config) == 0
+    folder = data / "chkpt" / "stale"
+    left = [".chkpt_3.pt.k2j_x9ab.tmp.pt", "chkpt_3.pt.tmp", "config.yaml.tmp", ".best.pt.ab12cd34.tmp.pt"]
+    for name in left:
+        (folder / name).write_bytes(b"half a checkpoint")
+    (folder / "notes.txt").write_text("mine")
+    longer = write_config(data / "stale2.yaml", {"train": {"max_steps": 3, "checkpoint_interval": 2}})
+    assert train(data, "stale", longer, "--checkpoint_path", str(folder / "chkpt_2.pt")) == 0
+    assert not any((folder / name).exists() for name in left)
+    assert (folder / "notes.txt").read_text() == "mine" and (folder / "chkpt_3.pt").is_file()
+
+
+def test_init_from_takes_the_weights_only(learning_run, caplog):
+    source = learning_run / "chkpt" / "learn" / "chkpt_40.pt"
+    # a learning rate of 1e-12: after one step the weights are still those of the source
+    config = write_config(learning_run / "ft.yaml", {"train": {"max_steps": 1, "adam": 1e-12}})
+    with caplog.at_level("INFO"):
+        assert train(learning_run, "ft", config, "--init_from", str(source)) == 0
+    assert "Fine-tuning from the weights of" in caplog.text
+    folder = learning_run / "chkpt" / "ft"
+    state, origin = load_checkpoint(folder / "chkpt_1.pt"), load_checkpoint(source)
+    assert state["step"] == 1 and state["epoch"] == 0 and state["batch_in_epoch"] == 1
+    for key, value in _parameters_only(origin["model"]).items():
+        assert torch.allclose(state["model"][key], value, atol=1e-8), key
+    moments = next(iter(state["optimizer"]["state"].values()))
+    assert int(moments["step"]) == 1  # a new optimizer, not the source's 40 steps
+    best = load_checkpoint(folder / "best.pt")  # the first validation of a new run is its best
+    assert best["step"] == 1 and state["best_sdr"] == best["sdr"]
+
+
+def test_init_from_and_checkpoint_path_together_fail(learning_run, capsys):
+    source = str(learning_run / "chkpt" / "learn" / "chkpt_40.pt")
+    config = write_config(learning_run / "both.yaml")
+    with pytest.raises(SystemExit) as exit_status:
+        train(learning_run, "both", config, "--init_from", source, "--checkpoint_path", source)
+    assert exit_status.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(UserError, match="pass one of them"):
+        run_training(HParam(config), "both", base_dir=learning_run, checkpoint_path=source, init_from=source)
+    with pytest.raises(UserError, match="checkpoint not found"):
+        train(learning_run, "both", config, "--init_from", str(learning_run / "absent.pt"))
+
+
+def test_resume_on_another_test_set_resets_the_best_score(learning_run, caplog):
+    source = learning_run / "chkpt" / "learn" / "chkpt_40.pt"
+    state = load_checkpoint(source)
+    state["best_sdr"] = 1e9  # a score no validation beats
+    unbeatable = save_checkpoint(state, learning_run / "unbeatable-40.pt")
+    config = write_config(learning_run / "bt.yaml", {"train": {"max_steps": 41}})
+    other_test = learning_run / "test-other"
+    if not other_test.exists():
+        shutil.copytree(learning_run / "test", other_test, ignore=shutil.ignore_patterns("dvec-cache-*"))
+    # the same test set: the best score stays, and no best.pt beats it
+    assert train(learning_run, "same-test", config, "--checkpoint_path", str(unbeatable)) == 0
+    assert not (learning_run / "chkpt" / "same-test" / "best.pt").exists()
+    with caplog.at_level("INFO"):
+        assert train(learning_run, "other-test", config, "--checkpoint_path", str(unbeatable),
+                     "--test_dir", str(other_test)) == 0
+    assert "the best score starts afresh" in caplog.text
+    best = load_checkpoint(learning_run / "chkpt" / "other-test" / "best.pt")
+    assert best["step"] == 41 and best["sdr"] < 1e9
+
+
+def test_threads_flag_sets_and_logs_the_thread_count(data, caplog):
+    before = torch.get_num_threads()
+    config = write_config(data / "threads.yaml", {"train": {"max_steps": 1}})
+    try:
+        with caplog.at_level("INFO"):
+            assert train(data, "threads", config, "--threads", "1") == 0
+        assert torch.get_num_threads() == 1
+        assert "using 1 CPU thread(s)" in caplog.text
+        logs = list((data / "logs" / "threads").glob("threads-*.log"))
+        assert "using 1 CPU thread(s)" in logs[0].read_text()  # in the run's log file too
+        with pytest.raises(UserError, match="--threads must be at least 1"):
+            train(data, "threads0", config, "--threads", "0")
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_training_state_round_trip():
+    """state_dict -> load_state_dict restores the position, best score, optimizer and random state."""
+    from model.model import VoiceFilter
+    from utils.training_state import TrainingState
+
+    hp = HParam(str(ROOT / "config" / "tiny.yaml"))
+
+    def new_state():
+        torch.manual_seed(1)
+        model = VoiceFilter(hp)
+        return TrainingState(model, torch.optim.Adam(model.parameters()), torch.amp.GradScaler("cpu", enabled=False),
+                             hp_str=hp.hp_str, embedder="ge2e-test", batches_per_epoch=3)
+
+    state = new_state()
+    for _ in range(4):
+        state.advance()
+    assert (state.step, state.epoch, state.batch) == (4, 1, 1)
+    assert state.improves(2.5) and not state.improves(float("nan")) and not state.improves(1.0)
+    saved = state.state_dict()
+    assert set(saved) == CHECKPOINT_KEYS
+    expected = torch.rand(3)
+    restored = new_state()
+    restored.load_state_dict(saved)
+    assert (restored.step, restored.epoch, restored.batch, restored.best_sdr) == (4, 1, 1, 2.5)
+    assert torch.equal(torch.rand(3), expected)

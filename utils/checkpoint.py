@@ -1,32 +1,38 @@
 """Checkpoint files: written atomically, read safely, checked against the model.
 
 The file is the original's dict ``{model, optimizer, step, hp_str}`` plus what
-an exact resume needs (added by the trainer). Loading always uses
-``weights_only=True``: a checkpoint from the internet cannot run code.
+an exact resume needs (:class:`utils.training_state.TrainingState` writes it).
+Loading always uses ``weights_only=True``: a checkpoint from the internet cannot
+run code. The second half is the training run's checkpoint folder
+``chkpt/NAME``: ``chkpt_STEP.pt``, ``best.pt`` and ``config.yaml``, how a run
+starts in it (fresh, resumed, or fine-tuned from other weights) and what it
+refuses to overwrite.
 """
 import logging
-import os
+import re
 from pathlib import Path
 
 import torch
 
+from utils.atomic import remove_stale_temporaries, save_torch, write_text
 from utils.errors import UserError
+from utils.hparams import config_changes
 
 logger = logging.getLogger(__name__)
 
+BEST_NAME = "best.pt"
+CONFIG_NAME = "config.yaml"
+CHECKPOINT_NAME = re.compile(r"^chkpt_(\d+)\.pt$")
+# what the suite's earlier writer left behind when killed mid-write ("chkpt_100.pt.tmp")
+LEGACY_TEMPORARY_SUFFIXES = (".pt.tmp", ".yaml.tmp")
+# Where the data lie and when to stop are not hyper-parameters: a resume that changes only
+# these (a moved data folder, a longer run) is not warned about.
+NOT_HYPERPARAMETERS = {"train.max_steps", "data.train_dir", "data.test_dir"}
+
 
 def save_checkpoint(state, path):
-    """``torch.save`` to ``path.tmp`` then rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    """``torch.save`` through :func:`utils.atomic.save_torch`: a crash never leaves half a file."""
+    return save_torch(state, path)
 
 
 def compact_checkpoint(src, dst):
@@ -77,3 +83,127 @@ def load_model_weights(model, state_dict, path):
                             f"{tuple(state_dict[key].shape)} in the file but {tuple(value.shape)} in the "
                             f"model (was it trained with another config? pass the same -c)")
     model.load_state_dict(state_dict)
+
+
+# ---- a training run's checkpoint folder ---------------------------------------------------------
+def checkpoint_file(chkpt_dir, step):
+    return Path(chkpt_dir) / f"chkpt_{step}.pt"
+
+
+def run_checkpoints(chkpt_dir):
+    """``{step: path}`` of the ``chkpt_STEP.pt`` files in a run's folder, by step."""
+    folder = Path(chkpt_dir)
+    found = {}
+    if folder.is_dir():
+        for path in folder.iterdir():
+            match = CHECKPOINT_NAME.match(path.name)
+            if match and path.is_file():
+                found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def check_run_folder(chkpt_dir, resuming, overwrite):
+    """Refuse to start a run afresh where an earlier run left its checkpoints: its ``best.pt`` and
+    ``config.yaml`` would be overwritten without a word. Resuming, or ``--overwrite``, is fine."""
+    chkpt_dir = Path(chkpt_dir)
+    checkpoints = run_checkpoints(chkpt_dir)
+    if resuming or overwrite or not (checkpoints or (chkpt_dir / BEST_NAME).is_file()):
+        return
+    if checkpoints:
+        step, latest = next(reversed(checkpoints.items()))
+        raise UserError(f"{chkpt_dir} already holds the checkpoints of an earlier run (the latest: step {step}); "
+                        f"to continue it add --checkpoint_path {latest}, or pass --overwrite to start over "
+                        f"(deleting its checkpoints and best.pt)")
+    raise UserError(f"{chkpt_dir} already holds the best.pt of an earlier run; pass --overwrite to start over "
+                    f"(deleting it)")
+
+
+def clear_earlier_run(chkpt_dir, keep=None):
+    """``--overwrite``: delete the earlier run's ``chkpt_STEP.pt`` files and ``best.pt`` (not ``keep``,
+    the checkpoint this run starts from, should it lie there), so the folder holds only this run."""
+    chkpt_dir = Path(chkpt_dir)
+    doomed = [*run_checkpoints(chkpt_dir).values(), chkpt_dir / BEST_NAME]
+    removed = []
+    for path in doomed:
+        if path.is_file() and not (keep and Path(keep).is_file() and path.samefile(keep)):
+            path.unlink()
+            removed.append(path)
+    if removed:
+        logger.warning("--overwrite: deleted %d file(s) of the earlier run in %s", len(removed), chkpt_dir)
+    return removed
+
+
+def remove_interrupted_writes(chkpt_dir):
+    """Delete the temporaries a killed run left mid-write in its checkpoint folder."""
+    for path in remove_stale_temporaries(chkpt_dir, legacy_suffixes=LEGACY_TEMPORARY_SUFFIXES):
+        logger.warning("removed %s, left by an interrupted checkpoint write", path)
+
+
+def write_config_copy(chkpt_dir, hp):
+    """The run's full config next to its checkpoints."""
+    return write_text(Path(chkpt_dir) / CONFIG_NAME, hp.hp_str)
+
+
+def save_best(chkpt_dir, state):
+    """``best.pt``: weights, step, config and median SDR of the best validation so far."""
+    return save_checkpoint({"model": state.model.state_dict(), "step": state.step, "hp_str": state.hp_str,
+                            "sdr": state.best_sdr, "embedder": state.embedder}, Path(chkpt_dir) / BEST_NAME)
+
+
+def config_changes_or_none(old_hp_str, hp):
+    """``[(key, old, new)]`` between a checkpoint's config and this run's; None when the old one cannot be read."""
+    try:
+        return config_changes(old_hp_str or "", hp)
+    except UserError:
+        return None
+
+
+def _same_folder(a, b):
+    return Path(a or "").expanduser().resolve() == Path(b or "").expanduser().resolve()
+
+
+def _warn_other_embedder(ckpt, state):
+    if ckpt.get("embedder") and ckpt["embedder"] != state.embedder:
+        logger.warning("the checkpoint was trained with d-vectors of %s, this run uses %s", ckpt["embedder"],
+                       state.embedder)
+
+
+def resume(path, state, hp):
+    """Continue ``state`` (a :class:`utils.training_state.TrainingState`) from checkpoint ``path``.
+
+    Weights that do not fit are an error naming the parameter; a config that differs is a
+    warning listing the hyper-parameters. The best score is kept only when it was measured on
+    this run's test set (the same ``data.test_dir``): on another one it could never be beaten
+    fairly, and ``best.pt`` would never be written for the new data.
+    """
+    ckpt = load_checkpoint(path, map_location="cpu")
+    load_model_weights(state.model, ckpt["model"], path)
+    changes = config_changes_or_none(ckpt.get("hp_str"), hp)
+    diffs = [f"{k}: {old!r} -> {new!r}" for k, old, new in changes or () if k not in NOT_HYPERPARAMETERS]
+    if changes is None:
+        logger.warning("the checkpoint's config cannot be read; using the given config")
+    elif diffs:
+        logger.warning("New hparams is different from checkpoint (using the new ones): %s", "; ".join(diffs))
+    try:
+        state.load_state_dict(ckpt, source=path)
+    except (ValueError, KeyError) as err:
+        raise UserError(f"the optimizer state in {path} does not fit this model: {err}") from None
+    _warn_other_embedder(ckpt, state)
+    old_test_dir = next((old for k, old, _ in changes or () if k == "data.test_dir"), None)
+    if state.best_sdr is not None and old_test_dir is not None and not _same_folder(old_test_dir, hp.data.test_dir):
+        logger.info("the checkpoint's best median SDR (%.2f dB) was measured on %s, this run validates on %s: "
+                    "the best score starts afresh, and best.pt follows the new test set", state.best_sdr,
+                    old_test_dir, hp.data.test_dir)
+        state.best_sdr = None
+    return state
+
+
+def init_weights(path, state):
+    """``--init_from``: the weights of checkpoint ``path`` only; optimizer, step, data position,
+    random state and best score stay those of a new run (fine-tuning)."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    load_model_weights(state.model, ckpt["model"], path)
+    _warn_other_embedder(ckpt, state)
+    logger.info("Fine-tuning from the weights of %s (its step %s): new optimizer, step 0, no best score yet",
+                path, ckpt.get("step", "?"))
+    return state

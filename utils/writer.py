@@ -16,8 +16,11 @@ from utils.plotting import spectrogram_image
 class MyWriter(SummaryWriter):
     """The original's writer (same name, same tags), on tensorboardX."""
 
-    def __init__(self, hp, logdir):
-        super().__init__(logdir)
+    def __init__(self, hp, logdir, purge_step=None):
+        """``purge_step``: the first step this run writes. TensorBoard then hides the events an
+        earlier run wrote in this folder at that step or later, so a run resumed from an older
+        checkpoint (or started over) does not show those steps twice."""
+        super().__init__(logdir, purge_step=purge_step)
         self.hp = hp
 
     def log_training(self, train_loss, step, step_time=None, learning_rate=None):
