@@ -621,9 +621,18 @@ def test_resume_on_another_test_set_resets_the_best_score(learning_run, caplog):
     other_test = learning_run / "test-other"
     if not other_test.exists():
         shutil.copytree(learning_run / "test", other_test, ignore=shutil.ignore_patterns("dvec-cache-*"))
-    # the same test set: the best score stays, and no best.pt beats it
+    # the same test set, in a folder whose best.pt holds that score: the best score stays, nothing beats it
+    same = learning_run / "chkpt" / "same-test"
+    same.mkdir(parents=True, exist_ok=True)
+    save_checkpoint({"model": state["model"], "step": 40, "sdr": 1e9}, same / "best.pt")
     assert train(learning_run, "same-test", config, "--checkpoint_path", str(unbeatable)) == 0
-    assert not (learning_run / "chkpt" / "same-test" / "best.pt").exists()
+    assert load_checkpoint(same / "best.pt")["step"] == 40
+    # the same test set, in a new run folder: its first validation writes its best.pt
+    with caplog.at_level("INFO"):
+        assert train(learning_run, "new-folder", config, "--checkpoint_path", str(unbeatable)) == 0
+    assert "holds no best.pt yet: the best score starts afresh" in caplog.text
+    assert load_checkpoint(learning_run / "chkpt" / "new-folder" / "best.pt")["step"] == 41
+    caplog.clear()
     with caplog.at_level("INFO"):
         assert train(learning_run, "other-test", config, "--checkpoint_path", str(unbeatable),
                      "--test_dir", str(other_test)) == 0

@@ -34,6 +34,7 @@ from model.embedder import load_embedder
 from model.model import VoiceFilter, count_parameters
 from utils.audio import Audio
 from utils.checkpoint import (
+    BEST_NAME,
     check_run_folder,
     checkpoint_file,
     clear_earlier_run,
@@ -169,7 +170,7 @@ def run_training(hp, name, base_dir=".", embedder="resemblyzer", checkpoint_path
 
         # model, optimizer, scaler, position: fresh, resumed, or another run's weights
         state = make_state(hp, dist, embedder_name, train_loader.sampler.batches_per_epoch, checkpoint_path,
-                           init_from)
+                           init_from, chkpt_dir)
         if hp.train.max_steps and state.step >= hp.train.max_steps:
             logger.info("the checkpoint is at step %d, train.max_steps is %d: nothing to train", state.step,
                         hp.train.max_steps)
@@ -315,7 +316,7 @@ def load_data(hp, dist, embedder_spec, train_dir, test_dir, progress):
     return train_loader, test_set, embedder_name
 
 
-def make_state(hp, dist, embedder_name, batches_per_epoch, checkpoint_path=None, init_from=None):
+def make_state(hp, dist, embedder_name, batches_per_epoch, checkpoint_path=None, init_from=None, chkpt_dir=None):
     """A new :class:`TrainingState` on this process's device, then resumed from ``checkpoint_path``
     or given the weights of ``init_from``. The model's random init comes first either way, so a
     fresh run draws the same random numbers as before."""
@@ -328,6 +329,11 @@ def make_state(hp, dist, embedder_name, batches_per_epoch, checkpoint_path=None,
     if checkpoint_path:
         logger.info("Resuming from checkpoint: %s", checkpoint_path)
         resume(checkpoint_path, state, hp)
+        if state.best_sdr is not None and chkpt_dir is not None and not (Path(chkpt_dir) / BEST_NAME).is_file():
+            # another run's checkpoint (or a moved one): its best score belongs to its own best.pt
+            logger.info("%s holds no best.pt yet: the best score starts afresh (the checkpoint's was %.2f dB)",
+                        chkpt_dir, state.best_sdr)
+            state.best_sdr = None
     elif init_from:
         init_weights(init_from, state)
     else:
