@@ -14,8 +14,10 @@ import torch
 from conftest import LIBRI_MINI, ROOT, need
 
 import generator
-from datasets.generation import MAX_ATTEMPTS, Speakers, generate, magnitude, plan_candidates
+from datasets.generation import generate
+from datasets.mixing import MAX_ATTEMPTS, magnitude, plan_candidates
 from datasets.samples import list_samples, read_manifest
+from datasets.speakers import Speakers
 from utils.audio import Audio
 from utils.demo_corpus import make_corpus
 from utils.errors import UserError, run_cli
