@@ -105,8 +105,9 @@ def complete_ids(split_dir, form, size):
     records = set(os.listdir(split_dir / RECORDS_DIR)) if (split_dir / RECORDS_DIR).is_dir() else set()
     done = []
     for i in range(size):
-        files = sample_files(split_dir, form, sample_id(i)).written_files()
-        if files[-2].name in records and all(p.name in names for p in files if p.parent == split_dir):
+        sample = sample_files(split_dir, form, sample_id(i))
+        if sample.record.name in records and all(
+                p.name in names for p in sample.written_files() if p != sample.record):
             done.append(i)
     return done
 
