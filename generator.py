@@ -8,13 +8,8 @@ killed run is finished by running the same command again.
 """
 import signal
 
-from datasets.generation import (
-    DEFAULT_TEST_SUBSETS,
-    DEFAULT_TRAIN_SUBSETS,
-    default_processes,
-    generate,
-    read_speaker_list,
-)
+from datasets.generation import default_processes, generate
+from datasets.speakers import DEFAULT_TEST_SUBSETS, DEFAULT_TRAIN_SUBSETS, read_speaker_list
 from utils.cli import UserErrorParser, add_bool_flag, setup_console_logging
 from utils.errors import run_cli
 from utils.hparams import HParam
@@ -61,17 +56,14 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, _interrupt)
     hp = HParam(args.config)
     holdout = read_speaker_list(args.holdout_speakers) if args.holdout_speakers else ()
-    summaries = generate(
+    generate(
         hp, args.libri_dir, args.out_dir, train_size=args.train_size, test_size=args.test_size,
         processes=args.process_num, reverse=args.reverse_data, seed=args.seed, vad=args.vad,
         only_dev=args.only_dev, vox_dir=args.voxceleb_dir, train_subsets=args.train_subsets,
         test_subsets=args.test_subsets, exclude_test_speakers=args.exclude_test_speakers, holdout=holdout,
         float16=args.float16, input_glob=args.input_glob, progress=args.progress,
     )
-    for s in summaries.values():
-        drops = ", ".join(f"{n} {reason}" for reason, n in s["dropped"].items()) or "none"
-        print(f"{s['split']}: {s['size']} samples in {s['dir']} ({s['made']} made, {s['reused']} already there; "
-              f"candidates dropped: {drops})")
+    # the closing summary of each split is generate()'s last log line
     return 0
 
 

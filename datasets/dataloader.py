@@ -2,7 +2,7 @@
 
 A training item is ``(dvec [E], target_mag [T, F], mixed_mag [T, F])``, the
 original's order with the reference's d-vector (read from the cache of
-:mod:`utils.dvec_cache`) in place of its mel. A test item adds the target and
+:mod:`datasets.dvec_cache`) in place of its mel. A test item adds the target and
 mixed waveforms for SDR; the mixed phase is recomputed from the mixed wav on
 the device (``Audio.wav2spec_torch``), so it is never stored.
 
@@ -21,8 +21,8 @@ import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from datasets.dvec_cache import load_dvecs, reference_key
 from datasets.samples import list_samples
-from utils.dvec_cache import load_dvecs, reference_key
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)

@@ -5,15 +5,35 @@ A split folder (``OUT/train``, ``OUT/test``) holds, per sample ``NNNNNN``:
 ``-mixed.pt``, ``-target.pt`` (normalized magnitude spectrograms [T, F],
 float32 or float16, ``torch.save``d) and ``-dvec.txt`` (the path of the
 reference utterance whose d-vector conditions the sample). The names follow
-the ``form`` section of the config, as in the original.
+the ``form`` section of the config, as in the original. The generator also
+keeps one JSON record per sample in ``.records/NNNNNN.json`` and rebuilds
+``manifest.jsonl`` (the records in id order) from them.
+
+Every file is written atomically (:mod:`utils.atomic`) and the ``-dvec.txt``
+last, so a sample is complete once its ``-dvec.txt`` exists.
 """
+import io
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from utils import atomic
+from utils.audio import save_wav
 from utils.errors import UserError
 
 MANIFEST = "manifest.jsonl"
+RECORDS_DIR = ".records"
+# a file of sample NNNNNN (or the temporary of one: a leading dot)
+_SAMPLE_NAME = re.compile(r"^\.?(\d{6,})[-.]")
+
+
+def sample_id(index):
+    """``7`` -> ``'000007'``."""
+    return f"{index:06d}"
 
 
 @dataclass(frozen=True)
@@ -24,6 +44,7 @@ class Sample:
     mixed_wav: Path
     target_mag: Path
     mixed_mag: Path
+    record: Path | None = None
 
     def reference_path(self):
         """The reference utterance named in the sample's ``-dvec.txt``."""
@@ -32,10 +53,28 @@ class Sample:
             raise UserError(f"{self.dvec_txt} names no reference file")
         return Path(text.splitlines()[0].strip())
 
+    def written_files(self):
+        """Every file the generator writes for the sample, in writing order (the ``-dvec.txt`` last)."""
+        return [self.target_wav, self.mixed_wav, self.target_mag, self.mixed_mag, self.record, self.dvec_txt]
+
 
 def _suffix(pattern):
     """'*-target.wav' -> '-target.wav'."""
     return pattern.lstrip("*")
+
+
+def sample_files(split_dir, form, sample_id):
+    """The paths of sample ``sample_id``'s files in ``split_dir`` (``form``: the config's form section)."""
+    split_dir = Path(split_dir)
+    return Sample(
+        sample_id=sample_id,
+        dvec_txt=split_dir / (sample_id + _suffix(form.dvec)),
+        target_wav=split_dir / (sample_id + _suffix(form.target.wav)),
+        mixed_wav=split_dir / (sample_id + _suffix(form.mixed.wav)),
+        target_mag=split_dir / (sample_id + _suffix(form.target.mag)),
+        mixed_mag=split_dir / (sample_id + _suffix(form.mixed.mag)),
+        record=split_dir / RECORDS_DIR / f"{sample_id}.json",
+    )
 
 
 def list_samples(split_dir, hp, need_mags=True):
@@ -44,25 +83,84 @@ def list_samples(split_dir, hp, need_mags=True):
     A sample counts only when all its files exist, so a folder a killed
     generator left behind never yields half a sample. ``need_mags=False``
     accepts samples without ``.pt`` spectrograms (they can be recomputed from
-    the wavs).
+    the wavs). The generator's records are not needed (the original wrote none).
     """
     split_dir = Path(split_dir)
     if not str(split_dir) or not split_dir.is_dir():
         raise UserError(f"data folder not found: '{split_dir}' (set data.train_dir/test_dir or pass -d)")
-    f = hp.form
     samples = []
-    for dvec_txt in sorted(split_dir.glob(f.dvec)):
-        sample_id = dvec_txt.name[: -len(_suffix(f.dvec))]
-        paths = {
-            "target_wav": split_dir / (sample_id + _suffix(f.target.wav)),
-            "mixed_wav": split_dir / (sample_id + _suffix(f.mixed.wav)),
-            "target_mag": split_dir / (sample_id + _suffix(f.target.mag)),
-            "mixed_mag": split_dir / (sample_id + _suffix(f.mixed.mag)),
-        }
-        required = ["target_wav", "mixed_wav"] + (["target_mag", "mixed_mag"] if need_mags else [])
-        if all(paths[k].is_file() for k in required):
-            samples.append(Sample(sample_id=sample_id, dvec_txt=dvec_txt, **paths))
+    for dvec_txt in sorted(split_dir.glob(hp.form.dvec)):
+        sample = sample_files(split_dir, hp.form, dvec_txt.name[: -len(_suffix(hp.form.dvec))])
+        required = [sample.target_wav, sample.mixed_wav] + ([sample.target_mag, sample.mixed_mag] if need_mags
+                                                            else [])
+        if all(p.is_file() for p in required):
+            samples.append(sample)
     return samples
+
+
+def complete_ids(split_dir, form, size):
+    """Indices below ``size`` whose files (the record included) are all in ``split_dir``."""
+    split_dir = Path(split_dir)
+    names = set(os.listdir(split_dir))
+    records = set(os.listdir(split_dir / RECORDS_DIR)) if (split_dir / RECORDS_DIR).is_dir() else set()
+    done = []
+    for i in range(size):
+        sample = sample_files(split_dir, form, sample_id(i))
+        if sample.record.name in records and all(
+                p.name in names for p in sample.written_files() if p != sample.record):
+            done.append(i)
+    return done
+
+
+def existing_ids(split_dir):
+    """Sample indices that have any file (or record, or temporary) in ``split_dir``."""
+    ids = set()
+    for folder in (Path(split_dir), Path(split_dir) / RECORDS_DIR):
+        if folder.is_dir():
+            for name in os.listdir(folder):
+                m = _SAMPLE_NAME.match(name)
+                if m:
+                    ids.add(int(m.group(1)))
+    return ids
+
+
+def write_sample(split_dir, form, mixture, audio, float16=False):
+    """Write ``mixture`` (a :class:`datasets.mixing.Mixture`) as sample ``mixture.index``; returns its record.
+
+    The spectrograms are :func:`datasets.mixing.magnitude` of the written wavs
+    (``audio``: the :class:`utils.audio.Audio` of the config); the ``-dvec.txt``
+    comes last: the sample is complete once it exists.
+    """
+    sample = sample_files(split_dir, form, sample_id(mixture.index))
+    record = mixture.record(sample.sample_id)
+    target_mag, mixed_mag = mixture.spectrograms(audio, float16)
+    sr = audio.hp.audio.sample_rate
+    save_wav(sample.target_wav, mixture.output_wav, sr)
+    save_wav(sample.mixed_wav, mixture.mixed_wav, sr)
+    atomic.write_bytes(sample.target_mag, _torch_bytes(target_mag))
+    atomic.write_bytes(sample.mixed_mag, _torch_bytes(mixed_mag))
+    atomic.write_text(sample.record, json.dumps(record))
+    atomic.write_text(sample.dvec_txt, mixture.reference)
+    return record
+
+
+def _torch_bytes(tensor):
+    """``torch.save``d bytes of ``tensor``, saved through a buffer: saved to a path, torch names the archive
+    inside after the file, and the atomic writer's temporary has a random name, so the same tensor would
+    not give the same bytes."""
+    buffer = io.BytesIO()
+    torch.save(tensor, buffer)
+    return buffer.getvalue()
+
+
+def read_record(split_dir, sample_id):
+    """The generator's record of one sample."""
+    return json.loads((Path(split_dir) / RECORDS_DIR / f"{sample_id}.json").read_text())
+
+
+def write_manifest(split_dir, records):
+    """``manifest.jsonl``: one record per line, in the order given (id order)."""
+    atomic.write_text(Path(split_dir) / MANIFEST, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def read_manifest(split_dir):
@@ -76,3 +174,31 @@ def read_manifest(split_dir):
             rec = json.loads(line)
             records[rec["id"]] = rec
     return records
+
+
+def _legacy_temporary(name, other_files):
+    """``NAME.tmp``, what earlier versions wrote before renaming, for a file of this layout
+    (a sample's file, a record, the manifest, a d-vector cache or one of ``other_files``), or the
+    suite's old write probe."""
+    if name == ".write-test.tmp":
+        return True
+    if not name.endswith(".tmp"):
+        return False
+    stem = name[:-len(".tmp")]
+    return bool(_SAMPLE_NAME.match(name)) or stem in (MANIFEST, *other_files) or (
+        stem.startswith("dvec-cache-") and stem.endswith(".pt"))
+
+
+def remove_stale_temporaries(split_dir, other_files=()):
+    """Delete what a killed writer left in ``split_dir`` and its records folder: the temporaries of
+    :mod:`utils.atomic`, and the ``NAME.tmp`` files of earlier versions of this layout. Nothing
+    else is touched. Returns the removed paths."""
+    removed = []
+    for folder in (Path(split_dir), Path(split_dir) / RECORDS_DIR):
+        removed += atomic.remove_stale_temporaries(folder)
+        if folder.is_dir():
+            for entry in folder.iterdir():
+                if _legacy_temporary(entry.name, other_files) and entry.is_file():
+                    entry.unlink(missing_ok=True)
+                    removed.append(entry)
+    return removed

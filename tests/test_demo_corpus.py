@@ -204,7 +204,7 @@ def test_tiny_config_leaves_demo_mixtures_unclipped(speaker_corpus):
     config's spectrogram nearly unchanged; at the original's ref_level_db 20 the loudest bins
     are clipped and an all-pass mask gives the mixture back only to 10-13 dB, a loss the demo's
     evaluation would put on the network."""
-    from datasets.generation import NORM_HEADROOM
+    from datasets.mixing import NORM_HEADROOM
     from utils.audio import Audio
     from utils.hparams import HParam
     from utils.metrics import sdr

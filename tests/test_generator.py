@@ -3,19 +3,25 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import tqdm
 from conftest import LIBRI_MINI, ROOT, need
 
 import generator
-from datasets.generation import MAX_ATTEMPTS, Speakers, generate, magnitude, plan_candidates
+from datasets import generation
+from datasets.generation import generate
+from datasets.mixing import MAX_ATTEMPTS, SPLIT_CODES, Mixer, magnitude, make_mixture, plan_candidates
 from datasets.samples import list_samples, read_manifest
+from datasets.speakers import Speakers, split_speakers
 from prepare.demo_corpus import make_corpus
 from utils.audio import Audio
 from utils.errors import UserError, run_cli
@@ -357,7 +363,8 @@ def test_cli_errors_are_one_line(tmp_path, corpus, capsys, case, message):
 
 @pytest.mark.slow
 def test_command_line_end_to_end(tmp_path, corpus):
-    """The real script in a subprocess: `--reverse_data False` means False; a user error is one line."""
+    """The real script in a subprocess: `--reverse_data False` means False; the summary comes once; a user
+    error is one line."""
     def run(*args):
         return subprocess.run([sys.executable, "generator.py", "-c", str(TINY), *map(str, args)],
                               cwd=ROOT, capture_output=True, text=True)
@@ -366,7 +373,8 @@ def test_command_line_end_to_end(tmp_path, corpus):
                  "--reverse_data", "False", "--train_subsets", "train-clean-100")
     assert result.returncode == 0, result.stderr
     assert read_manifest(tmp_path / "o" / "test")["000000"]["reversed"] is False
-    assert "train: 2 samples" in result.stdout and "test: 1 samples" in result.stdout
+    for summary in ("train: 2 samples", "test: 1 samples"):  # the closing summary, logged once
+        assert (result.stdout + result.stderr).count(summary) == 1, result.stderr
     result = run("-d", tmp_path / "nowhere", "-o", tmp_path / "o")
     assert result.returncode == 2 and result.stderr.strip().startswith("error: data folder not found")
     assert len(result.stderr.strip().splitlines()) == 1
@@ -386,3 +394,154 @@ def test_real_speech(tmp_path, caplog):
     assert sf.info(str(samples[0].mixed_wav)).frames == 48000
     assert json.loads((out / "test" / "generation.json").read_text())["input"] == "*.flac"
     assert "test: 3 samples" in caplog.text
+
+
+# ----------------------------------------------------------------------------- in-memory samples
+
+
+@pytest.mark.parametrize("reverse, float16", [(False, False), (True, True)])
+def test_in_memory_sample_equals_the_written_one(tmp_path, corpus, hp, reverse, float16):
+    """datasets.mixing makes sample i in memory, without writing anything, exactly as generator.py writes it."""
+    out, _ = gen(tmp_path, corpus, hp, train_size=6, test_size=3, reverse=reverse, float16=float16)
+    train, test, _ = split_speakers(corpus, train_subsets=["train-clean-100"])
+    audio = Audio(hp)
+    for split, utterances, size in (("train", train, 6), ("test", test, 3)):
+        speakers, mixer = Speakers(utterances), Mixer(hp)
+        plan = plan_candidates(speakers, size, 0, SPLIT_CODES[split])
+        records = read_manifest(out / split)
+        for sample in list_samples(out / split, hp):
+            i = int(sample.sample_id)
+            made = [make_mixture(hp, speakers, 0, split, i, reverse=reverse),
+                    make_mixture(hp, speakers, 0, split, i, reverse=reverse, mixer=mixer, plan=plan)]
+            for mixture, _ in made:
+                assert mixture.record(sample.sample_id) == records[sample.sample_id]
+                assert sample.dvec_txt.read_text() == mixture.reference
+                np.testing.assert_array_equal(sf.read(sample.target_wav, dtype="float32")[0], mixture.output_wav)
+                np.testing.assert_array_equal(sf.read(sample.mixed_wav, dtype="float32")[0], mixture.mixed_wav)
+                target_mag, mixed_mag = mixture.spectrograms(audio, float16)
+                for path, mag in ((sample.target_mag, target_mag), (sample.mixed_mag, mixed_mag)):
+                    saved = torch.load(path, weights_only=True)
+                    assert saved.dtype == mag.dtype and torch.equal(saved, mag)
+
+
+# ----------------------------------------------------------------------------- real LibriSpeech layouts
+
+
+def libri_tree(root, libri, subsets, flac=True, norm=True):
+    """A LibriSpeech root made of librispeech-mini's files ({new subset: mini subset}): per utterance a link
+    to the FLAC and/or a '-norm.wav' link to it, as normalize-resample.sh leaves a folder (soundfile reads
+    files by their content)."""
+    for new, old in subsets.items():
+        for path in sorted((libri / old).rglob("*.flac")):
+            dest = root / new / path.relative_to(libri / old)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if flac:
+                dest.symlink_to(path)
+            if norm:
+                dest.with_name(dest.stem + "-norm.wav").symlink_to(path)
+    return root
+
+
+def speakers_in(split_dir):
+    records = read_manifest(split_dir).values()
+    return {r["target_speaker"] for r in records} | {r["interference_speaker"] for r in records}
+
+
+def test_only_dev_with_a_dev_clean_root_as_the_original(tmp_path, libri_mini, capsys, caplog):
+    """The original's workflow: a root holding only dev-clean, `generator.py ... --only_dev True`."""
+    root = libri_tree(tmp_path / "libri", libri_mini, {"dev-clean": "test-other"})
+    code, _, err = cli(capsys, "-d", root, "-o", tmp_path / "o", "--only_dev", "True", "-p", "1",
+                       "--train_size", "4", "--test_size", "2")
+    assert code == 0, err
+    dev = {p.name for p in (root / "dev-clean").iterdir()}
+    assert speakers_in(tmp_path / "o" / "train") <= dev
+    assert len(list_samples(tmp_path / "o" / "train", HParam(TINY))) == 4
+    assert "train-clean-100, train-clean-360 not found" in caplog.text
+    assert "--only_dev trains on the test speakers" in caplog.text
+
+
+def test_only_dev_with_one_utterance_training_speakers(tmp_path, libri_mini, capsys, caplog):
+    """train-clean-100 with one utterance per speaker: unusable, but with --only_dev the test speakers train."""
+    root = libri_tree(tmp_path / "libri", libri_mini, {"train-clean-100": "train-clean-100",
+                                                       "dev-clean": "test-other"})
+    code, _, err = cli(capsys, "-d", root, "-o", tmp_path / "o", "--only_dev", "True", "-p", "1",
+                       "--train_size", "4", "--test_size", "2", "--train_subsets", "train-clean-100")
+    assert code == 0, err
+    assert speakers_in(tmp_path / "o" / "train") <= {p.name for p in (root / "dev-clean").iterdir()}
+    assert "251 speaker folders hold one '*-norm.wav' file each" in caplog.text
+
+
+def test_no_speakers_message_says_what_the_folders_hold(tmp_path, libri_mini, capsys):
+    """One usable utterance per speaker is not a missing normalization; FLAC only is."""
+    normalized = libri_tree(tmp_path / "libri", libri_mini, {"train-clean-100": "train-clean-100",
+                                                                  "dev-clean": "test-other"})
+    code, _, err = cli(capsys, "-d", normalized, "-o", tmp_path / "o", "-p", "1",
+                       "--train_subsets", "train-clean-100")
+    assert code == 2
+    assert "no training speaker with two or more '*-norm.wav' files" in err
+    assert "251 speaker folders hold one '*-norm.wav' file each" in err and "--only_dev True" in err
+    assert "normalize-resample" not in err and "prepare.normalize" not in err
+    flac = libri_tree(tmp_path / "flac", libri_mini, {"train-clean-100": "test-other", "dev-clean": "test-other"},
+                      norm=False)
+    code, _, err = cli(capsys, "-d", flac, "-o", tmp_path / "o2", "-p", "1", "--train_subsets", "train-clean-100")
+    assert code == 2
+    assert "no '*-norm.wav' files at all (the folders hold *.flac files: run utils/normalize-resample.sh" in err
+    assert "--input_glob '*.flac'" in err
+
+
+# ----------------------------------------------------------------------------- interrupted runs, progress, summary
+
+
+def test_rerun_removes_the_temporaries_a_kill_left_and_nothing_else(tmp_path, corpus, hp):
+    out, _ = gen(tmp_path, corpus, hp, train_size=3, test_size=0)
+    train = out / "train"
+    reference_digest = digest(out)
+    left = [  # what a SIGKILL mid-write leaves: utils.atomic temporaries, and the older NAME.tmp ones
+        ".000001-mixed.wav.ab12cd34.tmp.wav", ".000002-target.pt.k2j_x9ab.tmp.pt",
+        ".records/.000002.json.zz9_aaaa.tmp.json", ".manifest.jsonl.q1w2e3r4.tmp.jsonl",
+        ".generation.json.a1b2c3d4.tmp.json", ".dvec-cache-0123abcd.pt.mmmmnnnn.tmp.pt", "000001-mixed.pt.tmp",
+        "000001-dvec.txt.tmp",
+        ".records/000001.json.tmp", "generation.json.tmp", "manifest.jsonl.tmp", "dvec-cache-0123abcd.pt.tmp"]
+    kept = ["notes.tmp", "mine.txt", ".hidden", "keep.tmp.wav", "dvec-cache-0123abcd.pt", ".records/notes.tmp"]
+    for name in left + kept:
+        (train / name).write_bytes(b"half")
+    _, summary = gen(tmp_path, corpus, hp, train_size=3, test_size=0)
+    assert summary["train"]["made"] == 0
+    assert [n for n in left if (train / n).exists()] == []
+    assert [n for n in kept if (train / n).read_bytes() == b"half"] == kept
+    for name in kept:
+        (train / name).unlink()
+    assert digest(out) == reference_digest
+
+
+def test_first_time_estimate_leaves_out_the_pool_start_up(monkeypatch, capsys):
+    """A worker pool that takes 10 minutes to start and then makes a sample a second: the progress bar never
+    estimates more than the ~20 s left (it said 3 hours, counting the start-up as the first sample's time)."""
+    clock = [1000.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: clock[0])
+    monkeypatch.setattr(tqdm.tqdm, "monitor_interval", 0)
+
+    class SlowPool:
+        _processes = 2
+
+        def imap_unordered(self, func, jobs, chunksize=1):
+            clock[0] += 600
+            for i, job in enumerate(jobs):
+                clock[0] += 0 if i == 0 else 1
+                yield job[0], job[1], {"id": f"{job[1]:06d}"}, Counter()
+
+    plan = np.zeros((20, MAX_ATTEMPTS, 3), dtype=np.int64)
+    records, _ = generation._run_split("train", list(range(20)), plan, SlowPool(), True, 3.0)
+    assert len(records) == 20
+    shown = re.findall(r"<(\d+(?::\d+)+)", capsys.readouterr().err)
+    seconds = [sum(int(x) * 60 ** k for k, x in enumerate(reversed(s.split(":")))) for s in shown]
+    assert seconds and max(seconds) <= 20, shown
+
+
+def test_closing_summary_is_written_once(tmp_path, corpus, capsys, caplog):
+    caplog.set_level(logging.INFO)
+    code, out, err = cli(capsys, "-d", corpus, "-o", tmp_path / "o", "-p", "1", "--train_size", "2", "--test_size",
+                         "1", "--train_subsets", "train-clean-100")
+    assert code == 0, err
+    for split in ("train: 2 samples in", "test: 1 samples in"):
+        assert (out + err + caplog.text).count(split) == 1, (out, err, caplog.text)

@@ -22,11 +22,11 @@ import yaml
 from conftest import PARITY, ROOT, need
 
 from datasets.dataloader import ResumableSampler, build_dataset
+from datasets.dvec_cache import cache_path
 from model.embedder import SpeechEmbedder, load_embedder
 from trainer import main as trainer_main
 from utils.audio import Audio, save_wav
 from utils.checkpoint import compact_checkpoint, load_checkpoint, save_checkpoint
-from utils.dvec_cache import cache_path
 from utils.errors import TrainingDiverged, UserError, run_cli
 from utils.hparams import HParam
 from utils.train import StopSignals, make_loss, run_training

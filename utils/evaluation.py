@@ -31,11 +31,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from datasets.dvec_cache import load_dvecs, reference_key
 from datasets.generation import SETTINGS_FILE
 from datasets.samples import list_samples, read_manifest
 from utils.atomic import write_text
 from utils.audio import load_wav
-from utils.dvec_cache import load_dvecs, reference_key
 from utils.errors import UserError
 from utils.hparams import HParam
 from utils.metrics import sdr, si_sdr

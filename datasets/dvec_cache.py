@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from utils.atomic import save_torch
 from utils.audio import load_wav
-from utils.checkpoint import save_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def read_cache(path, embedder_name):
 def write_cache(path, embedder_name, dvecs):
     """Write the cache atomically; a read-only data folder only costs a recomputation next run."""
     try:
-        save_checkpoint({"embedder": embedder_name, "dvecs": dvecs}, path)
+        save_torch({"embedder": embedder_name, "dvecs": dvecs}, path)
     except OSError as err:
         logger.warning("cannot write the d-vector cache %s (%s): it will be recomputed next run", path, err)
 
