@@ -12,14 +12,11 @@ keeps one JSON record per sample in ``.records/NNNNNN.json`` and rebuilds
 Every file is written atomically (:mod:`utils.atomic`) and the ``-dvec.txt``
 last, so a sample is complete once its ``-dvec.txt`` exists.
 """
-import io
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from utils import atomic
 from utils.audio import save_wav
@@ -137,20 +134,11 @@ def write_sample(split_dir, form, mixture, audio, float16=False):
     sr = audio.hp.audio.sample_rate
     save_wav(sample.target_wav, mixture.output_wav, sr)
     save_wav(sample.mixed_wav, mixture.mixed_wav, sr)
-    atomic.write_bytes(sample.target_mag, _torch_bytes(target_mag))
-    atomic.write_bytes(sample.mixed_mag, _torch_bytes(mixed_mag))
+    atomic.save_torch(target_mag, sample.target_mag)
+    atomic.save_torch(mixed_mag, sample.mixed_mag)
     atomic.write_text(sample.record, json.dumps(record))
     atomic.write_text(sample.dvec_txt, mixture.reference)
     return record
-
-
-def _torch_bytes(tensor):
-    """``torch.save``d bytes of ``tensor``, saved through a buffer: saved to a path, torch names the archive
-    inside after the file, and the atomic writer's temporary has a random name, so the same tensor would
-    not give the same bytes."""
-    buffer = io.BytesIO()
-    torch.save(tensor, buffer)
-    return buffer.getvalue()
 
 
 def read_record(split_dir, sample_id):

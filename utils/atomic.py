@@ -56,11 +56,16 @@ def write_bytes(path, data):
 
 
 def save_torch(obj, path):
-    """``torch.save`` to ``path`` atomically; returns ``path``."""
+    """``torch.save`` to ``path`` atomically; returns ``path``.
+
+    Saved through an open file, not the temporary's name: given a name, ``torch.save`` names the
+    archive inside the file after it, and the random temporary name would make the same tensors
+    give different bytes on every run (given a file, the archive is always called ``archive``).
+    """
     import torch  # here: the data tools that use this module do not need torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
     return Path(path)
 
 
