@@ -100,12 +100,10 @@ def run_variant(args, name):
 
 def main():
     args = parse_args()
-    if args.variant:
-        common.emit(run_variant(args, args.variant))
+    started = common.start(args, run_variant, VARIANTS)
+    if started is None:
         return
-    device = common.pick(args.device)
-    names = common.select(args.variants, list(VARIANTS))
-    info = common.describe_machine(device)
+    device, names, info = started
     with tempfile.TemporaryDirectory(prefix="bench_corpus_") as workdir:
         corpus = prepare_corpus(args, workdir)
         Path(workdir, "corpus.json").write_text(json.dumps(corpus))

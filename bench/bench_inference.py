@@ -249,12 +249,10 @@ def tables(results, durations, cuda):
 
 def main():
     args = parse_args()
-    if args.variant:
-        common.emit(run_variant(args, args.variant))
+    started = common.start(args, run_variant, VARIANTS)
+    if started is None:
         return
-    device = common.pick(args.device)
-    names = common.select(args.variants, list(VARIANTS))
-    info = common.describe_machine(device)
+    device, names, info = started
     with tempfile.TemporaryDirectory(prefix="bench_inference_") as workdir:
         files = prepare(args, workdir)
         Path(workdir, "files.json").write_text(json.dumps(files))

@@ -128,12 +128,12 @@ def run_variant(args, name):
 
 def main():
     args = parse_args()
-    if args.variant:
-        common.emit(run_variant(args, args.variant))
+    device = None if args.variant else common.pick(args.device)
+    available = [n for n in VARIANTS if args.variant or device.type == "cuda" or n not in CUDA_ONLY]
+    started = common.start(args, run_variant, available)
+    if started is None:
         return
-    device = common.pick(args.device)
-    names = common.select(args.variants, [n for n in VARIANTS if device.type == "cuda" or n not in CUDA_ONLY])
-    info = common.describe_machine(device)
+    device, names, info = started
     print(f"training benchmark: {args.config}, batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed "
           f"steps per variant, timeout {args.timeout:g} s", file=sys.stderr)
     results = common.run_variants(__file__, names, common.child_argv(), args.timeout)

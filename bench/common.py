@@ -302,6 +302,16 @@ def run_variants(script, names, argv, timeout):
     return results
 
 
+def start(args, run_variant, variants):
+    """The shared start of every benchmark's ``main``. In a child (``--variant``): run that variant,
+    print its result line, return None. In the parent: ``(device, variant names, machine info)``."""
+    if args.variant:
+        emit(run_variant(args, args.variant))
+        return None
+    device = pick(args.device)
+    return device, select(args.variants, list(variants)), describe_machine(device)
+
+
 def child_argv():
     """The parent's own flags, forwarded to each child (``--json`` is ignored there)."""
     return sys.argv[1:]
