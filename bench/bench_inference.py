@@ -47,6 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402  (after the path tweak: run as ``python bench/bench_inference.py``)
+import roofline  # noqa: E402
 
 VARIANTS = {  # name: (kind, precision, channels_last, batch norms folded)
     "model-fp32": ("model", "fp32", False, True),
@@ -186,7 +187,7 @@ def run_model(args, files, precision, channels_last, fold, device):
     separator = Separator(hp, model, None, device, precision=precision)
     audio = Audio(hp)
     dvec = torch.nn.functional.normalize(torch.randn(1, hp.embedder.emb_dim, device=device), dim=1)
-    result = {}
+    result = {"precision": precision}
     for i, (seconds, path) in enumerate(files["mixtures"].items()):
         mag, _ = audio.wav2spec_torch(torch.from_numpy(load_wav(path)).to(device)[None])  # [1, T, F]
         repeats = args.repeats if float(seconds) <= 10 else args.long_repeats
@@ -195,6 +196,7 @@ def run_model(args, files, precision, channels_last, fold, device):
         result[f"s_{seconds}"] = common.median(times)
         result[f"rtf_{seconds}"] = result[f"s_{seconds}"] / float(seconds)
         result[f"frames_{seconds}"] = mag.size(1)
+        result[f"flops_{seconds}"] = roofline.voicefilter_flops(hp, 1, mag.size(1), training=False)
         common.emit_partial({**result, **common.process_stats(device)})
     return {**result, **common.process_stats(device)}
 
@@ -217,17 +219,26 @@ def run_process(args, files, precision, channels_last):
 
 
 def run_variant(args, name):
+    device = common.pick(args.device)
+    if name == roofline.PEAKS:  # the convolution at the frames of the shortest mixture, batch 1
+        from utils.hparams import HParam
+
+        hp = HParam(args.config)
+        frames = 1 + int(min(args.durations) * hp.audio.sample_rate) // hp.audio.hop_length
+        return roofline.measure_peaks(device, hp.model.conv_channels, frames, hp.audio.num_freq, 1,
+                                      bf16=roofline.native_bf16(device))
     kind, precision, channels_last, fold = VARIANTS[name]
     files = json.loads(Path(args.workdir, "files.json").read_text())
-    device = common.pick(args.device)
     if kind == "model":
         return run_model(args, files, precision, channels_last, fold, device)
     return run_process(args, files, precision, channels_last)
 
 
 # ---- the parent ----------------------------------------------------------------------------------
-def tables(results, durations, cuda):
+def tables(results, durations, cuda, peaks):
     keys = [f"{d:g}" for d in durations]
+    for k in keys:
+        roofline.add_roofline(results, peaks, flops_key=f"flops_{k}", seconds_key=f"s_{k}", suffix=f"_{k}")
     out = []
     for kind, title in (("model", "(a) model alone (Separator.mask)"), ("process", "(b) whole inference.py process")):
         rows = {n: r for n, r in results.items() if VARIANTS[n][0] == kind}
@@ -237,6 +248,8 @@ def tables(results, durations, cuda):
         if kind == "process":
             columns += [(f"{k} s: peak RSS MB", f"rss_{k}") for k in keys]
         else:
+            columns += [c for k in keys for c in ((f"{k} s: GFLOP/s", f"gflops_{k}"),
+                                                   (f"{k} s: of conv peak", f"of_conv_peak_{k}"))]
             columns.append(("peak RSS MB", "peak_rss_mb"))
             if cuda:
                 columns.append(("CUDA peak MB", "cuda_peak_mb"))
@@ -259,7 +272,10 @@ def main():
         print(f"inference benchmark: {args.config}, mixtures of {', '.join(files['mixtures'])} s "
               f"({files['source']}), timeout {args.timeout:g} s per variant", file=sys.stderr)
         startup = startup_cost(args)
-        results = common.run_variants(__file__, names, [*common.child_argv(), "--workdir", workdir], args.timeout)
+        argv = [*common.child_argv(), "--workdir", workdir]
+        peaks = common.run_variants(__file__, [roofline.PEAKS], argv, args.timeout)[roofline.PEAKS]
+        peaks = None if "error" in peaks else peaks
+        results = common.run_variants(__file__, names, argv, args.timeout)
     imports = ", ".join(f"{name} {s:.2f} s" for s, name in startup["top_imports"])
     notes = [f"Start-up: `python -c pass` {startup['python_s']:.2f} s, `python inference.py --help` "
              f"{startup['inference_help_s']:.2f} s (interpreter + imports; median of 3). Slowest packages imported "
@@ -268,9 +284,11 @@ def main():
              f"random weights. RTF = seconds / audio seconds (< 1: faster than real time). Ratios: > 1 is better "
              f"than the fp32 row of the same table. (a) is the median of {args.repeats} calls (up to 10 s of audio) "
              f"or {args.long_repeats} (longer) after {args.warmup} warm-up; (b) is one run per mixture, wall time "
-             f"of the whole command."]
-    common.report("Inference speed", info, tables(results, args.durations, device.type == "cuda"), notes,
-                  args.json, {"args": vars(args), "startup": startup, "results": results})
+             f"of the whole command. 'of conv peak': the network's rate over the best rate of one 5x5 "
+             f"convolution of its shape (batch 1, the shortest mixture) in the same precision, this run.",
+             roofline.peaks_line(peaks)]
+    common.report("Inference speed", info, tables(results, args.durations, device.type == "cuda", peaks),
+                  notes, args.json, {"args": vars(args), "startup": startup, "results": results, "peaks": peaks})
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402  (after the path tweak: run as ``python bench/bench_train.py``)
+import roofline  # noqa: E402
 
 VARIANTS = {  # name: (precision, channels_last, recompute d-vectors)
     "fp32": ("fp32", False, False),
@@ -75,9 +76,13 @@ def run_variant(args, name):
     from utils.hparams import HParam
     from utils.train import make_loss, make_optimizer, train_step
 
-    precision, channels_last, recompute = VARIANTS[name]
     device = common.pick(args.device)
     hp = HParam(args.config)
+    if name == roofline.PEAKS:
+        frames = 1 + int(hp.data.audio_len * hp.audio.sample_rate) // hp.audio.hop_length
+        return roofline.measure_peaks(device, hp.model.conv_channels, frames, hp.audio.num_freq, args.batch_size,
+                                      bf16=roofline.native_bf16(device))
+    precision, channels_last, recompute = VARIANTS[name]
     hp.train.precision, hp.train.channels_last = precision, channels_last
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
@@ -136,8 +141,19 @@ def main():
     device, names, info = started
     print(f"training benchmark: {args.config}, batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed "
           f"steps per variant, timeout {args.timeout:g} s", file=sys.stderr)
+    peaks = common.run_variants(__file__, [roofline.PEAKS], common.child_argv(), args.timeout)[roofline.PEAKS]
+    peaks = None if "error" in peaks else peaks
     results = common.run_variants(__file__, names, common.child_argv(), args.timeout)
-    columns = [("s/step", "s_per_step"), ("samples/s", "samples_per_s"), ("d-vector s/step", "dvec_s_per_step"),
+    from utils.hparams import HParam
+
+    hp = HParam(args.config)
+    frames = 1 + int(hp.data.audio_len * hp.audio.sample_rate) // hp.audio.hop_length
+    step_flops = roofline.voicefilter_flops(hp, args.batch_size, frames, training=True)
+    for r in results.values():
+        r["flops"] = step_flops
+    roofline.add_roofline(results, peaks)
+    columns = [("s/step", "s_per_step"), ("samples/s", "samples_per_s"), ("GFLOP/s", "gflops"),
+               ("of conv peak", "of_conv_peak"), ("d-vector s/step", "dvec_s_per_step"),
                ("peak RSS MB", "peak_rss_mb"), ("load (1 min)", "load_1min")]
     if device.type == "cuda":
         columns.append(("CUDA peak MB", "cuda_peak_mb"))
@@ -147,9 +163,13 @@ def main():
     notes = [f"Config {Path(args.config).name}, batch {shape}, median of {args.steps} steps after {args.warmup} "
              f"warm-up. Ratios: > 1 is better than fp32 (faster, less memory). fp32-dvec-step recomputes the "
              f"d-vectors each step with the original SpeechEmbedder (random weights), as the original trainer did; "
-             f"the others look up cached d-vectors."]
+             f"the others look up cached d-vectors. A step is {step_flops / 1e12:.2f} TFLOP (forward and "
+             f"backward); 'of conv peak' is the step's rate over the best rate of one 5x5 convolution of the "
+             f"network's shape in the same precision on this machine, measured in the same run.",
+             roofline.peaks_line(peaks)]
     table = common.markdown_table(results, columns, ratios, baseline="fp32")
-    common.report("Training throughput", info, table, notes, args.json, {"args": vars(args), "results": results})
+    common.report("Training throughput", info, table, notes, args.json,
+                  {"args": vars(args), "results": results, "peaks": peaks})
 
 
 if __name__ == "__main__":
