@@ -80,8 +80,8 @@ class Validator:
         first = self._input_sdrs is None
         losses, sdrs, input_sdrs, example, clean = [], [], [], None, {}
         stream = separator.separate_stream(self._items(clean), ["org"], keep_mask=True)
-        for index, result in tqdm(stream, desc="validation", unit="sample", leave=False,
-                                  disable=not self.progress):
+        for index, result in tqdm(stream, total=len(self.samples.dataset), desc="validation", unit="sample",
+                                  leave=False, disable=not self.progress):
             mixed, target, target_mag = clean.pop(index)
             est_wav = result.wavs["org"]
             est_mag = torch.from_numpy(result.mag * result.mask)  # [T, F]
