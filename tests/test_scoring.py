@@ -94,6 +94,22 @@ def test_validation_of_utterances_of_any_length_equals_evaluate(official_tiny):
     assert batched.example["mixed_wav"].size == batched.example["est_wav"].size  # first sample, unpadded
     assert batched.example["est_mask"].shape == batched.example["target_spec"].shape
 
+def test_validation_of_samples_longer_than_a_chunk_equals_evaluate(tmp_path):
+    """37 s samples go through the network in chunks (longer than CHUNK_SECONDS + 2 x OVERLAP_SECONDS = 36 s)
+    in both, with the same figures."""
+    config = write_config(tmp_path / "long.yaml", {"data": {"audio_len": 37.0}})
+    make_dataset(tmp_path, config, n_train=0, n_test=2)
+    hp, _, checkpoint, _ = make_tiny_setup(tmp_path / "model")
+    embedder = make_embedder(tmp_path / "embedder.pt", config)
+    hp = HParam(config)
+    assert Separator(hp, None, None, CPU).is_long(int(37.0 * hp.audio.sample_rate))
+    result = validate(hp, embedder, checkpoint, tmp_path / "test", batch_size=2)
+    org = evaluate_org(config, embedder, checkpoint, tmp_path / "test", tmp_path / "eval")
+    assert result.count == org["count"] == 2
+    assert result.sdr == pytest.approx(org["sdr_after"]["median"], abs=ROUNDING)
+    assert np.isfinite(result.test_loss)
+
+
 def test_long_input_keeps_the_whole_mask(official_tiny):
     """A chunked input's mask and magnitude cover the whole input, and the magnitude is the whole-file one."""
     hp = HParam(official_tiny["config"])
