@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datasets.generation import FORMAT_VERSION, counted, prepare_split_dir
+from datasets.generation import FORMAT_VERSION, _process_context, counted, prepare_split_dir
 from datasets.mixing import Mixture
 from datasets.samples import complete_ids, read_record, sample_id, write_manifest, write_sample
 from utils.audio import Audio, load_wav
@@ -65,11 +65,6 @@ class Triplet:
     clean: str
     embedding: str
     interference: str
-
-    @property
-    def utterances(self):
-        return {"clean_utterance": self.clean, "embedding_utterance": self.embedding,
-                "interference_utterance": self.interference}
 
 
 def read_triplets(path, limit=None):
@@ -240,8 +235,6 @@ def generate_official(hp, tuples, libri_dir, out_dir, test_size=None, skip_missi
     utterance that is not under ``libri_dir`` (else the first is an error). ``reverse``: the
     (cut or padded) interference is the target. ``input_glob``: the utterance files, ``'*.flac'``.
     """
-    from datasets.generation import _process_context
-
     if processes < 1:
         raise UserError(f"-p must be at least 1, got {processes}")
     if test_size is not None and test_size < 1:
@@ -267,7 +260,7 @@ def generate_official(hp, tuples, libri_dir, out_dir, test_size=None, skip_missi
         logger.info("%s: %d samples already there, making the other %d", SPLIT, len(done), len(todo))
     init = (hp.hp_str, str(split_dir), bool(reverse), bool(float16))
     start = time.perf_counter()
-    records = _run(todo, processes, init, progress, _process_context)
+    records = _run(todo, processes, init, progress)
     seconds = time.perf_counter() - start
     for row in done:
         records[row] = read_record(split_dir, sample_id(row))
@@ -280,12 +273,12 @@ def generate_official(hp, tuples, libri_dir, out_dir, test_size=None, skip_missi
             "reused": len(done), "skipped": skipped, "seconds": seconds}
 
 
-def _run(todo, processes, init, progress, context):
+def _run(todo, processes, init, progress):
     """Make the samples of ``todo`` (in this process, or a pool); returns {row: record}."""
     workers = min(processes, len(todo))
     pool = None
     if workers > 1:
-        pool = context().Pool(workers, initializer=init_worker, initargs=init)
+        pool = _process_context().Pool(workers, initializer=init_worker, initargs=init)
     elif todo:
         init_worker(*init, in_pool=False)
     records = {}

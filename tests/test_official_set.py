@@ -99,7 +99,8 @@ def test_rerun_resumes_and_test_size_takes_the_first_rows(official, tmp_path):
     # a killed run: sample 1 half written (its -dvec.txt never came), a temporary left behind
     (split / "000001-dvec.txt").unlink()
     (split / ".000001-mixed.wav.abcd1234.tmp.wav").write_bytes(b"partial")
-    assert run("--tuples", official["tuples"], "-d", official["libri"], "-o", out) == 0  # all rows: extends
+    # all rows (extends the set), in two worker processes
+    assert run("--tuples", official["tuples"], "-d", official["libri"], "-o", out, "-p", 2) == 0
     assert sorted(read_manifest(split)) == ["000000", "000001", "000002"]
     assert (split / "000000-mixed.wav").stat().st_mtime_ns == first  # kept, not remade
     assert not list(split.glob(".*.tmp*"))
