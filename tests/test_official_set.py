@@ -138,6 +138,10 @@ def test_bad_files_and_flags_are_one_line(official, tmp_path, capsys):
         assert run(*args, "-d", official["libri"], "-o", tmp_path / "o") == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, (args, err)
+    # a folder made with other settings is refused, not mixed into
+    assert run("--tuples", official["tuples"], "--float16", "True", "-d", official["libri"], "-o",
+               official["root"] / "out") == 2
+    assert "other settings (float16" in capsys.readouterr().err
     # a damaged tail does not stop a smaller set
     assert run("--tuples", cut_short, "--test_size", 1, "-d", official["libri"], "-o", tmp_path / "small") == 0
 

@@ -94,6 +94,17 @@ def test_validation_of_utterances_of_any_length_equals_evaluate(official_tiny):
     assert batched.example["mixed_wav"].size == batched.example["est_wav"].size  # first sample, unpadded
     assert batched.example["est_mask"].shape == batched.example["target_spec"].shape
 
+def test_trainer_validates_on_the_official_folder(official_tiny, tmp_path):
+    """trainer.py with --test_dir on utterances of 2.8 to 22.8 s: validation runs and keeps best.pt by its median."""
+    config = write_config(tmp_path / "tiny-test.yaml")
+    make_dataset(tmp_path, config, n_test=1)
+    make_embedder(tmp_path / "embedder.pt", config)
+    assert train(tmp_path, "official", config, "--test_dir", str(official_tiny["test_dir"])) == 0
+    (log,) = (tmp_path / "logs" / "official").glob("*.log")
+    assert "over 3 samples" in log.read_text()
+    assert np.isfinite(load_checkpoint(tmp_path / "chkpt" / "official" / "best.pt")["sdr"])
+
+
 def test_validation_of_samples_longer_than_a_chunk_equals_evaluate(tmp_path):
     """37 s samples go through the network in chunks (longer than CHUNK_SECONDS + 2 x OVERLAP_SECONDS = 36 s)
     in both, with the same figures."""
