@@ -32,6 +32,7 @@ class ValidationResult:
 
 
 def _as_list(batch):
+    """A batch as its list of samples, each at its own length (no padding)."""
     return batch
 
 
