@@ -6,7 +6,9 @@
 Writes OUT_DIR/report.json (per-mode medians and means), OUT_DIR/per_sample.csv (one row
 per sample and mode), OUT_DIR/sdr_before_after.png, and prints a table. org is scored against
 the speaker the model keeps (the reference speaker, or the interfering one for a model trained
-on reversed data), the inverse modes against the other one.
+on reversed data), the inverse modes against the other one. Any folder in the trainer's format
+works, with utterances of any length (Google's official test set: generator.py --tuples); the
+scoring is the trainer's validation's (utils/scoring.py).
 """
 import argparse
 import logging

@@ -1,17 +1,19 @@
 """Generate VoiceFilter training and test mixtures from LibriSpeech (or VoxCeleb).
 
     python generator.py -c CONFIG -d LIBRI_DIR -o OUT_DIR -p PROCESSES --reverse_data False
+    python generator.py -c CONFIG --tuples librispeech_dev_tuples.csv -d LIBRI_DIR -o OUT_DIR   # the paper's test set
 
 Writes exactly --train_size / --test_size samples into OUT_DIR/train and
 OUT_DIR/test; the same command gives byte-identical files whatever -p, and a
 killed run is finished by running the same command again.
 """
+import argparse
 import signal
 
 from datasets.generation import default_processes, generate
 from datasets.speakers import DEFAULT_TEST_SUBSETS, DEFAULT_TRAIN_SUBSETS, read_speaker_list
 from utils.cli import UserErrorParser, add_bool_flag, setup_console_logging
-from utils.errors import run_cli
+from utils.errors import UserError, run_cli
 from utils.hparams import HParam
 
 
@@ -43,7 +45,44 @@ def build_parser():
     p.add_argument("--input_glob", default=None, metavar="PATTERN",
                    help="utterance files to use (default: the config's form.input, '*-norm.wav')")
     add_bool_flag(p, "--progress", default=True, help="show progress bars (default True)")
+    g = p.add_argument_group("Google's official test set")
+    g.add_argument("--tuples", default=None, metavar="FILE",
+                   help="write the test split from these triplets (librispeech_dev_tuples.csv) as the paper "
+                        "mixed them, from the .flac files under -d (dev-clean and dev-other); --test_size N "
+                        "takes the first N rows (default: all)")
+    add_bool_flag(g, "--skip_missing", help="with --tuples: leave out (and count) rows naming an utterance "
+                                            "that is not under -d, instead of stopping")
     return p
+
+
+# Flags of the drawn mixtures that mean nothing for the fixed official triplets.
+NOT_WITH_TUPLES = ("voxceleb_dir", "train_size", "vad", "only_dev", "seed", "train_subsets", "test_subsets",
+                   "exclude_test_speakers", "holdout_speakers")
+
+
+def given_flags(parser, argv):
+    """The destinations of the flags the command line sets (whatever their value)."""
+    defaults = {a.dest: a.default for a in parser._actions}
+    try:
+        for action in parser._actions:
+            action.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for action in parser._actions:
+            action.default = defaults[action.dest]
+
+
+def run_official(args, hp, given):
+    """``--tuples``: the official test set into OUT/test."""
+    from datasets.official import generate_official
+    stray = [name for name in NOT_WITH_TUPLES if name in given]
+    if stray:
+        raise UserError(f"--{stray[0]} does not apply to --tuples: the official test set is fixed by its "
+                        f"triplets (leave the flag out)")
+    generate_official(hp, args.tuples, args.libri_dir, args.out_dir,
+                      test_size=args.test_size if "test_size" in given else None, skip_missing=args.skip_missing,
+                      reverse=args.reverse_data, float16=args.float16, processes=args.process_num,
+                      input_glob=args.input_glob, progress=args.progress)
 
 
 def _interrupt(signum, frame):
@@ -51,10 +90,16 @@ def _interrupt(signum, frame):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     setup_console_logging()
     signal.signal(signal.SIGTERM, _interrupt)
     hp = HParam(args.config)
+    if args.tuples:
+        run_official(args, hp, given_flags(parser, argv))
+        return 0
+    if args.skip_missing:
+        raise UserError("--skip_missing goes with --tuples (the official test set)")
     holdout = read_speaker_list(args.holdout_speakers) if args.holdout_speakers else ()
     generate(
         hp, args.libri_dir, args.out_dir, train_size=args.train_size, test_size=args.test_size,

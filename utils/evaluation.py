@@ -13,7 +13,8 @@ SI-SDR, before (the mixture) and after (the output), and the speaker
 similarity (cosine) of the mixture's and the output's d-vectors with the
 reference's d-vector. Spectrograms and the network run batched on the device
 (:class:`utils.separation.Separator`); mir_eval runs per sample on the CPU,
-optionally in a process pool.
+optionally in a process pool. Separation and SDR follow :mod:`utils.scoring`,
+the path the trainer's validation takes too.
 """
 import csv
 import io
@@ -27,7 +28,6 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -38,23 +38,22 @@ from utils.atomic import write_text
 from utils.audio import load_wav
 from utils.errors import UserError
 from utils.hparams import HParam
-from utils.metrics import sdr, si_sdr
+from utils.scoring import (  # noqa: F401 (TARGET, RESIDUAL, reference_kind, score_sample: re-exported)
+    RESIDUAL,
+    TARGET,
+    check_lengths,
+    nan_mean,
+    nan_median,
+    reference_kind,
+    score_sample,
+)
 
 logger = logging.getLogger(__name__)
 
-TARGET, RESIDUAL = "target", "mixed_minus_target"
 CSV_COLUMNS = ("sample_id", "mode", "reference", "sdr_before", "sdr_after", "sdr_gain", "si_sdr_before",
                "si_sdr_after", "si_sdr_gain", "similarity_before", "similarity_after")
 SUMMARY_METRICS = CSV_COLUMNS[3:]
 SCATTER_FILE = "sdr_before_after.png"
-
-
-def reference_kind(mode, org_kind=TARGET):
-    """The clean signal a mode's output is scored against: ``org_kind`` for org (what the model
-    keeps), the other one for the inverse modes (what they keep: everything org removes)."""
-    if mode == "org":
-        return org_kind
-    return RESIDUAL if org_kind == TARGET else TARGET
 
 
 def describe_reference(kind, reversed_data):
@@ -164,27 +163,6 @@ def decide_targets(samples, split_dir, flag=None, hp_str=None):
     return Targets(value, because, explanation, folder, folder_source)
 
 
-def score_sample(task):
-    """SDR and SI-SDR of one sample's mixture and outputs (a module-level function for the pool).
-
-    ``task``: (mixed [N], target [N], {mode: output [N]}, org_kind) -> {mode: {metric: value}}.
-    """
-    mixed, target, outputs, org_kind = task
-    references = {TARGET: target, RESIDUAL: mixed - target}
-    before = {}
-    scores = {}
-    for mode, output in outputs.items():
-        kind = reference_kind(mode, org_kind)
-        ref = references[kind]
-        if kind not in before:
-            before[kind] = (sdr(ref, mixed), si_sdr(ref, mixed))
-        sdr_in, si_in = before[kind]
-        sdr_out, si_out = sdr(ref, output), si_sdr(ref, output)
-        scores[mode] = {"sdr_before": sdr_in, "sdr_after": sdr_out, "sdr_gain": sdr_out - sdr_in,
-                        "si_sdr_before": si_in, "si_sdr_after": si_out, "si_sdr_gain": si_out - si_in}
-    return scores
-
-
 def _cosine(a, b):
     """Rows of a [B, E] with rows of b [B, E] -> [B]."""
     return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=1).cpu().numpy()
@@ -259,9 +237,7 @@ def evaluate(separator, split_dir, modes, factor, limit=0, reversed_flag=None, j
     def items():
         for i, s in enumerate(samples):
             mixed, target = load_wav(s.mixed_wav, rate), load_wav(s.target_wav, rate)
-            if mixed.size != target.size:
-                raise UserError(f"{s.mixed_wav} and {s.target_wav} differ in length ({mixed.size} and "
-                                f"{target.size} samples): regenerate the sample")
+            check_lengths(mixed, target, s.mixed_wav, s.target_wav)
             clean[i] = (mixed, target)
             yield i, mixed, ref_dvecs[i]
 
@@ -310,12 +286,6 @@ def _score_buffer(buffer, separator, clean, ref_dvecs, modes, scorer, similariti
 
 
 # ---- summary and files -------------------------------------------------------------------------
-def _stat(values, fn):
-    values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    return float(fn(values)) if values.size else float("nan")
-
-
 def summarize(rows, modes, targets):
     """Per mode: the reference, the count, and median/mean of every metric (NaN left out)."""
     summary = {}
@@ -327,7 +297,7 @@ def summarize(rows, modes, targets):
                  "sdr_undefined": int(sum(not math.isfinite(r["sdr_after"]) for r in mine))}
         for metric in SUMMARY_METRICS:
             values = [r[metric] for r in mine]
-            entry[metric] = {"median": _stat(values, np.median), "mean": _stat(values, np.mean)}
+            entry[metric] = {"median": nan_median(values), "mean": nan_mean(values)}
         summary[mode] = entry
     return summary
 

@@ -210,11 +210,14 @@ def load_mixture(path, hp):
 @dataclass
 class Separation:
     """One mixture's outputs: ``wavs[mode]`` [N] float32, and spectra [T, F] for pictures
-    (of the first chunk only for a chunked input; ``spectra_note`` says so)."""
+    (of the first chunk only for a chunked input; ``spectra_note`` says so). With ``keep_mask``:
+    the whole input's normalized magnitude ``mag`` and ``mask`` [T, F] float32 (chunks joined)."""
 
     wavs: dict
     spectra: dict = field(default_factory=dict)
     spectra_note: str = ""
+    mag: np.ndarray | None = None
+    mask: np.ndarray | None = None
 
 
 class Separator:
@@ -293,35 +296,39 @@ class Separator:
         ((_, result),) = self.separate_stream([(0, wav, dvec)], modes, factor, keep_spectra)
         return result
 
-    def separate_stream(self, items, modes, factor=DEFAULT_FACTOR, keep_spectra=False):
+    def separate_stream(self, items, modes, factor=DEFAULT_FACTOR, keep_spectra=False, keep_mask=False):
         """``(key, wav numpy [N], dvec [E])`` items -> ``(key, Separation)`` in input order.
 
-        Consecutive mixtures of the same length are batched; long ones are chunked.
+        Consecutive mixtures of the same length are batched (never padded: with the BLSTM
+        and the dilated convolutions, padding would change the real frames' masks); long
+        ones are chunked. ``keep_mask``: each :class:`Separation` holds the whole ``mag``
+        and ``mask``.
         """
         pending = []
         for key, wav, dvec in items:
             if pending and (pending[0][1].size != wav.size or len(pending) >= self.batch_limit(wav.size)):
-                yield from self._run_batch(pending, modes, factor, keep_spectra)
+                yield from self._run_batch(pending, modes, factor, keep_spectra, keep_mask)
                 pending = []
             if self.is_long(wav.size):
-                yield key, self._separate_long(wav, dvec, modes, factor, keep_spectra)
+                yield key, self._separate_long(wav, dvec, modes, factor, keep_spectra, keep_mask)
             else:
                 pending.append((key, wav, dvec))
         if pending:
-            yield from self._run_batch(pending, modes, factor, keep_spectra)
+            yield from self._run_batch(pending, modes, factor, keep_spectra, keep_mask)
 
-    def _run_batch(self, pending, modes, factor, keep_spectra):
+    def _run_batch(self, pending, modes, factor, keep_spectra, keep_mask=False):
         mixed = torch.from_numpy(np.stack([w for _, w, _ in pending])).to(self.device)  # [B, N]
         dvec = torch.stack([d.to(self.device) for _, _, d in pending]).float()  # [B, E]
-        wavs, spectra = self.separate_batch(mixed, dvec, modes, factor, keep_spectra)
+        wavs, spectra = self.separate_batch(mixed, dvec, modes, factor, keep_spectra or keep_mask)
         wavs = {m: w.float().cpu().numpy() for m, w in wavs.items()}
         spectra = {k: s.float().cpu().numpy() for k, s in spectra.items()}
         for i, (key, _, _) in enumerate(pending):
+            whole = {"mag": spectra["mixture"][i], "mask": spectra["mask"][i]} if keep_mask else {}
             yield key, Separation(wavs={m: w[i] for m, w in wavs.items()},
-                                  spectra={k: s[i] for k, s in spectra.items()})
+                                  spectra={k: s[i] for k, s in spectra.items()} if keep_spectra else {}, **whole)
 
     @torch.inference_mode()
-    def _separate_long(self, wav, dvec, modes, factor, keep_spectra):
+    def _separate_long(self, wav, dvec, modes, factor, keep_spectra, keep_mask=False):
         """Chunked separation of one long mixture, in bounded memory.
 
         The frames of chunk k are [c0, c1); the network sees [a, b) = c0 - X .. c1 + X (X
@@ -345,7 +352,7 @@ class Separator:
         wav_t = torch.from_numpy(wav)
         dvec = dvec.to(self.device).float()[None]
         outputs = {m: np.zeros(n, dtype=np.float32) for m in modes}
-        spectra, note = {}, ""
+        spectra, note, core = {}, "", []  # core: each chunk's own frames [c0, c1) of (mag, mask)
         for k in range(n_chunks):
             c0, c1 = bounds[k], bounds[k + 1]
             a, b = max(0, c0 - context), min(total, c1 + context)
@@ -354,6 +361,8 @@ class Separator:
             mag, phase = self.audio.wav2spec_torch(wav_t[s0:s1].to(self.device)[None])
             mag, phase = mag[:, a - fa:b - fa], phase[:, a - fa:b - fa]  # [1, b - a, F]
             mask = self.mask(mag, dvec)
+            if keep_mask:
+                core.append((mag[0, c0 - a:c1 - a].float().cpu().numpy(), mask[0, c0 - a:c1 - a].cpu().numpy()))
             length = (n - a * hop) if b == total else (b - a - 1) * hop
             lo = 0 if k == 0 else c0 * hop - fade // 2
             hi = n if k == n_chunks - 1 else min(n, c1 * hop + fade // 2)
@@ -372,7 +381,9 @@ class Separator:
                 spectra = {"mixture": mag[0, :c1].float().cpu().numpy(),
                            "mask": mask[0, :c1].float().cpu().numpy(), **spectra}
                 note = f"first {c1 * hop / a_hp.sample_rate:.0f} s"
-        return Separation(wavs=outputs, spectra=spectra, spectra_note=note)
+        whole = {"mag": np.concatenate([m for m, _ in core]), "mask": np.concatenate([k for _, k in core])} \
+            if keep_mask else {}
+        return Separation(wavs=outputs, spectra=spectra, spectra_note=note, **whole)
 
 
 def load_separator(hp, checkpoint_path, embedder_spec, device, channels_last=False, config_path=None,

@@ -1,17 +1,24 @@
 """Validation during training: the whole test set (or its first ``train.validation_samples``)
-through the model, scored as the original does: mean test loss and median SDR (mir_eval)
-of the re-synthesized estimate against the target wav. Spectrograms and inverse STFTs are
-batched on the training device; SDR is computed per sample on the CPU.
+through the model, scored by evaluate.py's path (:mod:`utils.scoring`): the median SDR the
+trainer logs and keeps ``best.pt`` by is the one ``evaluate.py --mask org`` reports for the
+same checkpoint and folder (to float rounding).
+
+Each sample goes to the :class:`~utils.separation.Separator` at its own length: the test
+loader's zero-padded batches are not used (padding reaches the real frames through the BLSTM
+and the dilated convolutions, so the score of a sample would depend on its batch-mates).
+Samples of the same length go through the network together, samples longer than
+``CHUNK_SECONDS`` (the official test set's reach 35 s) in chunks, so memory stays bounded.
 """
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from utils.errors import UserError
-from utils.metrics import sdr
-from utils.precision import autocast
+from utils.scoring import TARGET, check_lengths, nan_mean, nan_median, score_sample
+from utils.separation import Separator
 
 
 @dataclass
@@ -24,23 +31,28 @@ class ValidationResult:
     example: dict           # first sample: wavs [N], spectrograms [T, F] (numpy)
 
 
-def _nanmedian(values):
-    values = np.asarray(values, dtype=np.float64)
-    return float(np.median(values[np.isfinite(values)])) if np.isfinite(values).any() else float("nan")
-
-
-def _nanmean(values):
-    values = np.asarray(values, dtype=np.float64)
-    return float(values[np.isfinite(values)].mean()) if np.isfinite(values).any() else float("nan")
+def _as_list(batch):
+    """A batch as its list of samples, each at its own length (no padding)."""
+    return batch
 
 
 class Validator:
-    """Scores a model on the test loader: mean test loss and median SDR (mir_eval) of
-    ``spec2wav(mixed_mag * mask, mixed phase)`` against the target wav; batched on the device."""
+    """Scores a model on the test set of ``loader`` (test items ``(dvec, target_mag, mixed_mag,
+    target_wav, mixed_wav)``): mean test loss and median SDR of the org estimate against the
+    target wav, as evaluate.py computes them.
+
+    The test loss is the training loss of ``mag * mask`` against the stored ``-target.pt``,
+    averaged over each sample's frames, then over the samples.
+    """
 
     def __init__(self, loader, audio, loss_fn, device, precision, progress=True):
-        self.loader, self.audio, self.loss_fn = loader, audio, loss_fn
+        self.audio, self.loss_fn = audio, loss_fn
         self.device, self.precision, self.progress = device, precision, progress
+        self.batch_size = loader.batch_size or 1
+        # the same samples and workers as the loader, each sample unpadded
+        self.samples = DataLoader(loader.dataset, batch_size=self.batch_size, shuffle=False,
+                                  num_workers=loader.num_workers, worker_init_fn=loader.worker_init_fn,
+                                  collate_fn=_as_list)
         self._input_sdrs = None  # SDR of the mixtures themselves: computed at the first call
 
     @torch.no_grad()
@@ -52,37 +64,41 @@ class Validator:
         finally:
             model.train(was_training)
 
+    def _items(self, clean):
+        """Each sample as the separator's ``(index, mixed wav [N], dvec [E])``; its wavs and target
+        magnitude wait in ``clean``."""
+        index = 0
+        for batch in self.samples:
+            for dvec, target_mag, _, target_wav, mixed_wav in batch:
+                mixed, target = mixed_wav.numpy(), target_wav.numpy()
+                check_lengths(mixed, target, f"test sample {index}'s -mixed.wav", "its -target.wav")
+                clean[index] = (mixed, target, target_mag)
+                yield index, mixed, dvec
+                index += 1
+
     def _run(self, model):
-        losses, sdrs, input_sdrs, example = [], [], [], None
-        for batch in tqdm(self.loader, desc="validation", unit="batch", leave=False, disable=not self.progress):
-            dvec, target_mag, mixed_mag, target_wav, mixed_wav, frames, lengths = (
-                t.to(self.device, non_blocking=True) for t in batch)
-            with autocast(self.device, self.precision):
-                mask = model(mixed_mag, dvec)
-            mask = mask.float()
-            est_mag = mixed_mag * mask  # [B, T, F]
-            valid = (torch.arange(mixed_mag.size(1), device=self.device) < frames[:, None]).unsqueeze(2)
-            per_sample = (self.loss_fn(est_mag, target_mag) * valid).sum((1, 2)) / (frames * mixed_mag.size(2))
-            losses.append(per_sample.cpu())
-            _, mixed_phase = self.audio.wav2spec_torch(mixed_wav)
-            if mixed_phase.shape != mixed_mag.shape:
-                raise UserError(f"the test spectrograms {tuple(mixed_mag.shape[1:])} do not match those of the "
-                                f"test wavs {tuple(mixed_phase.shape[1:])}: regenerate the data with this config")
-            est_wav = self.audio.spec2wav_torch(est_mag, mixed_phase, length=mixed_wav.size(1))  # [B, N]
-            target_np, est_np, mixed_np = (w.float().cpu().numpy() for w in (target_wav, est_wav, mixed_wav))
-            for i, n in enumerate(lengths.tolist()):  # mir_eval works per sample, on the CPU
-                sdrs.append(sdr(target_np[i, :n], est_np[i, :n]))
-                if self._input_sdrs is None:
-                    input_sdrs.append(sdr(target_np[i, :n], mixed_np[i, :n]))
+        separator = Separator(self.audio.hp, model, None, self.device, self.precision, batch_size=self.batch_size)
+        first = self._input_sdrs is None
+        losses, sdrs, input_sdrs, example, clean = [], [], [], None, {}
+        stream = separator.separate_stream(self._items(clean), ["org"], keep_mask=True)
+        for index, result in tqdm(stream, total=len(self.samples.dataset), desc="validation", unit="sample",
+                                  leave=False, disable=not self.progress):
+            mixed, target, target_mag = clean.pop(index)
+            est_wav = result.wavs["org"]
+            est_mag = torch.from_numpy(result.mag * result.mask)  # [T, F]
+            if est_mag.shape != target_mag.shape:
+                raise UserError(f"the test spectrograms {tuple(target_mag.shape)} do not match those of the test "
+                                f"wavs {tuple(est_mag.shape)}: regenerate the data with this config")
+            losses.append(float(self.loss_fn(est_mag, target_mag).mean()))
+            scores = score_sample((mixed, target, {"org": est_wav}, TARGET), before=first)["org"]
+            sdrs.append(scores["sdr_after"])
+            if first:
+                input_sdrs.append(scores["sdr_before"])
             if example is None:
-                t, n = int(frames[0]), int(lengths[0])
-                example = {
-                    "mixed_wav": mixed_np[0, :n], "target_wav": target_np[0, :n], "est_wav": est_np[0, :n],
-                    "mixed_spec": mixed_mag[0, :t].cpu().numpy(), "target_spec": target_mag[0, :t].cpu().numpy(),
-                    "est_spec": est_mag[0, :t].cpu().numpy(), "est_mask": mask[0, :t].cpu().numpy(),
-                }
-        if self._input_sdrs is None:
+                example = {"mixed_wav": mixed, "target_wav": target, "est_wav": est_wav,
+                           "mixed_spec": result.mag, "target_spec": target_mag.numpy(),
+                           "est_spec": est_mag.numpy(), "est_mask": result.mask}
+        if first:
             self._input_sdrs = input_sdrs
-        return ValidationResult(test_loss=float(torch.cat(losses).mean()), sdr=_nanmedian(sdrs),
-                                sdr_mean=_nanmean(sdrs), input_sdr=_nanmedian(self._input_sdrs),
-                                count=len(sdrs), example=example)
+        return ValidationResult(test_loss=float(np.mean(losses)), sdr=nan_median(sdrs), sdr_mean=nan_mean(sdrs),
+                                input_sdr=nan_median(self._input_sdrs), count=len(sdrs), example=example)
