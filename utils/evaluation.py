@@ -271,11 +271,28 @@ def evaluate(separator, split_dir, modes, factor, limit=0, reversed_flag=None, j
     return rows, info
 
 
+def _embed_or_nan(embedder, waves):
+    """D-vectors [N, E] of ``waves`` in one batch; when some are too short for the embedder's window
+    (the original embedder refuses them), those rows are NaN, so their similarity is left out of the
+    summary instead of the whole evaluation stopping."""
+    try:
+        return embedder.embed_many(waves).float().cpu()
+    except UserError:
+        rows = []
+        for wav in waves:
+            try:
+                rows.append(embedder.embed_many([wav]).float().cpu()[0])
+            except UserError:
+                rows.append(None)
+        size = next((r.numel() for r in rows if r is not None), 1)
+        return torch.stack([r if r is not None else torch.full((size,), float("nan")) for r in rows])
+
+
 def _score_buffer(buffer, separator, clean, ref_dvecs, modes, scorer, similarities, org_kind):
     """D-vectors of mixtures and outputs in one embedder call; SDRs to the scorer."""
     keys = [i for i, _ in buffer]
     waves = [clean[i][0] for i in keys] + [r.wavs[m] for _, r in buffer for m in modes]
-    emb = separator.embedder.embed_many(waves).float().cpu()  # [B + B * M, E]
+    emb = _embed_or_nan(separator.embedder, waves)  # [B + B * M, E]
     refs = ref_dvecs[keys]  # [B, E]
     before = _cosine(emb[:len(keys)], refs)
     after = _cosine(emb[len(keys):], refs.repeat_interleave(len(modes), dim=0)).reshape(len(keys), len(modes))
