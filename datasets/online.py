@@ -184,12 +184,25 @@ class OnlineBatches:
         return len(self.loader)
 
     def __iter__(self):
-        for reference, target_wav, mixed_wav in self.loader:
-            dvec = self.dvecs([self.paths[i] for i in reference.tolist()])
-            wavs = torch.cat([target_wav, mixed_wav]).to(self.device, non_blocking=True)  # one STFT call
-            target_mag, mixed_mag = self.audio.wav2spec_torch(wavs)[0].chunk(2)
-            yield dvec, target_mag, mixed_mag
-        self.dvecs.flush()
+        try:
+            for reference, target_wav, mixed_wav in self._batches():
+                dvec = self.dvecs([self.paths[i] for i in reference.tolist()])
+                wavs = torch.cat([target_wav, mixed_wav]).to(self.device, non_blocking=True)  # one STFT call
+                target_mag, mixed_mag = self.audio.wav2spec_torch(wavs)[0].chunk(2)
+                yield dvec, target_mag, mixed_mag
+        finally:  # also when the loop leaves mid-epoch (max_steps, a signal): keep what was embedded
+            self.dvecs.flush()
+
+    def _batches(self):
+        """The inner loader's batches; a user error in a worker stays one line (the loader re-raises it
+        with the worker's traceback in its message)."""
+        try:
+            yield from self.loader
+        except UserError as err:
+            text = str(err)
+            if "Traceback" not in text:
+                raise
+            raise UserError(text.strip().splitlines()[-1].split("UserError: ", 1)[-1]) from None
 
 
 def create_online_loader(hp, embedder, cache_dir, device, seed=0, rank=0, world_size=1):

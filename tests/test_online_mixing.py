@@ -9,8 +9,14 @@ from test_trainer import make_embedder, write_config
 from datasets import mixing
 from datasets.dvec_cache import online_shard_paths
 from datasets.generation import generate
-from datasets.online import EpochSampler, OnlineMixtures, ReferenceDvecs, cache_entries, create_online_loader, \
-    online_speakers
+from datasets.online import (
+    EpochSampler,
+    OnlineMixtures,
+    ReferenceDvecs,
+    cache_entries,
+    create_online_loader,
+    online_speakers,
+)
 from datasets.samples import list_samples
 from model.embedder import load_embedder
 from trainer import main as trainer_main
@@ -130,6 +136,22 @@ def test_zero_and_two_workers_give_the_same_batches(setup, tmp_path):
     for x, y in zip(b0, b2, strict=True):
         assert [t.shape for t in x] == [(4, 256), (4, 101, 257), (4, 101, 257)]
         assert all(torch.equal(s, t) for s, t in zip(x, y, strict=True))
+
+
+def test_a_user_error_in_a_worker_stays_one_line(setup, tmp_path, monkeypatch):
+    root, _, config = setup
+    hp = _hp(config)
+    hp.train.num_workers = 2
+    embedder = load_embedder(root / "embedder.pt", hp)
+    loader = create_online_loader(hp, embedder, tmp_path, torch.device("cpu"))
+
+    def dropped(self, epoch, index):
+        raise UserError(f"online mixing: all candidates of sample {index} of epoch {epoch} were dropped")
+    monkeypatch.setattr(OnlineMixtures, "mixture", dropped)  # the workers fork with it
+    loader.sampler.set_position(1)
+    with pytest.raises(UserError) as err:
+        list(loader)
+    assert str(err.value).startswith("online mixing: all candidates of sample") and "\n" not in str(err.value)
 
 
 def test_dvecs_are_computed_once_per_reference_and_equal_alone(setup, tmp_path, monkeypatch):
