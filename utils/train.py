@@ -308,6 +308,9 @@ def _check_online(hp):
         raise UserError(f"data.{flag} folder not found: {root}")
     if d.epoch_samples < 1:
         raise UserError("data.epoch_samples must be at least 1 with online mixing")
+    if d.train_dir:
+        logger.warning("data.mixing is online: data.train_dir %s is not read (the training data is mixed from %s)",
+                       d.train_dir, root)
     return None
 
 
