@@ -256,3 +256,25 @@ def test_online_equals_generator_on_librispeech_mini(libri_mini, tmp_path):
         _, target_wav, mixed_wav = dataset[(0, i)]
         assert torch.equal(target_wav, torch.from_numpy(_read(sample.target_wav)))
         assert torch.equal(mixed_wav, torch.from_numpy(_read(sample.mixed_wav)))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_each_read_and_embed_their_own_shard(setup, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root, corpus, _ = setup
+    config = write_config(tmp_path / "ddp.yaml", {**ONLINE, "data": {**ONLINE["data"], "libri_dir": str(corpus)},
+                                                  "train": {**ONLINE["train"], "max_steps": 3}})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "trainer.py"), "-c", str(config), "-e", str(root / "embedder.pt"), "-m", "ddp",
+           "-b", str(tmp_path), "--test_dir", str(root / "gen" / "test"), "--device", "cpu"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    chkpt = tmp_path / "chkpt" / "ddp"
+    state = load_checkpoint(chkpt / "chkpt_3.pt")
+    assert state["step"] == 3 and state["world_size"] == 2 and state["epoch"] == 1  # 16 samples: 2 batches/rank
+    ranks = {p.name.split("-r")[-1].split("-")[0] for p in chkpt.glob("dvec-online-*.pt")}
+    assert ranks == {"0", "1"}
