@@ -226,6 +226,7 @@ def test_resume_is_exact_and_nothing_is_written_per_sample(setup):
     ({}, ["--libri_dir", "/nonexistent/libri"], "data.libri_dir folder not found: /nonexistent/libri"),
     ({"mixing": "precomputed", "train_dir": "x"}, ["--reverse_data"], "applies to online mixing"),
     ({"mixing": "sometimes"}, [], "data.mixing must be one of precomputed, online"),
+    ({}, ["--libri_dir", "/a", "--voxceleb_dir", "/b"], "data.libri_dir and data.voxceleb_dir are both set"),
 ])
 def test_user_errors_are_one_line(setup, tmp_path, capsys, data, flags, message):
     root, _, _ = setup
