@@ -3,7 +3,8 @@
 Checkpoints go to ``BASE/chkpt/NAME/chkpt_STEP.pt`` (plus ``best.pt`` and the
 run's ``config.yaml``), logs and TensorBoard events to ``BASE/logs/NAME``.
 ``--checkpoint_path chkpt/NAME/chkpt_STEP.pt`` resumes; ``--init_from CKPT``
-starts a new run from another run's weights. Multi-GPU:
+starts a new run from another run's weights. ``--libri_dir ROOT`` (or
+``data.mixing: online``) mixes the training data on the fly from a corpus. Multi-GPU:
 ``torchrun --nproc_per_node N trainer.py ...``. The procedure lives in
 :mod:`utils.train`.
 """
@@ -33,6 +34,14 @@ def build_parser():
                         help="stop at this step (overrides train.max_steps; 0: until interrupted)")
     parser.add_argument("--train_dir", default=None, help="training samples (overrides data.train_dir)")
     parser.add_argument("--test_dir", default=None, help="test samples (overrides data.test_dir)")
+    parser.add_argument("--libri_dir", default=None,
+                        help="mix the training data on the fly from this LibriSpeech root (sets data.libri_dir "
+                             "and data.mixing online): no generator run, nothing written per sample")
+    parser.add_argument("--voxceleb_dir", default=None,
+                        help="the same from a VoxCeleb root (sets data.voxceleb_dir and data.mixing online)")
+    add_bool_flag(parser, "--reverse_data", default=None,
+                  help="online mixing: the interfering voice is the target, the reverse task (overrides "
+                       "data.reverse_data)")
     add_device_flag(parser)
     add_threads_flag(parser)
     return parser
@@ -47,6 +56,11 @@ def main(argv=None):
         hp.data.train_dir = args.train_dir
     if args.test_dir is not None:
         hp.data.test_dir = args.test_dir
+    for key in ("libri_dir", "voxceleb_dir"):
+        if getattr(args, key) is not None:
+            hp.data[key], hp.data.mixing = getattr(args, key), "online"
+    if args.reverse_data is not None:
+        hp.data.reverse_data = args.reverse_data
 
     from utils.train import run_training  # torch and friends: after the flags are checked
     return run_training(hp, args.model, base_dir=args.base_dir, embedder=args.embedder_path,

@@ -1,4 +1,5 @@
-"""D-vectors computed once per split and embedder, not at every training step.
+"""D-vectors computed once per split (or, with online mixing, per reference utterance) and embedder,
+not at every training step.
 
 The embedder is frozen, so the d-vector of a reference never changes; the
 original still pushed every reference of every batch through its 3-layer
@@ -11,6 +12,11 @@ split are computed once, in batches, and kept next to the data in
 The file name carries the embedder's identity (a digest of its weights), so
 another embedder gets its own cache; later runs read it back
 (``torch.load(weights_only=True)``) and only compute references it lacks.
+
+Online mixing (:mod:`datasets.online`) has no split folder: its d-vectors,
+computed one reference at a time as they are first drawn, are written in
+shards ``dvec-online-<embedder.name>-r<rank>-<n>.pt`` (same format) of the new
+ones only, so a long run never rewrites what it already saved.
 """
 import logging
 from pathlib import Path
@@ -108,3 +114,37 @@ def load_dvecs(samples, split_dir, embedder, sample_rate, write=True, progress=T
     if write:
         write_cache(path, embedder.name, cache)
     return {k: cache[k] for k in keys}
+
+
+# ---- online mixing: d-vectors per reference utterance, written as they are computed ------------
+ONLINE_PREFIX = "dvec-online-"
+
+
+def online_shard_paths(folder, embedder_name):
+    """The shard files of ``embedder_name`` in ``folder`` (every rank's), sorted."""
+    return sorted(Path(folder).glob(f"{ONLINE_PREFIX}{embedder_name}-r*.pt"))
+
+
+def read_online_shards(folder, embedder_name):
+    """``{utterance path: tensor [E]}`` from every shard of ``embedder_name`` in ``folder``; an unreadable
+    shard is skipped (its d-vectors are computed again)."""
+    dvecs = {}
+    for path in online_shard_paths(folder, embedder_name):
+        dvecs.update(read_cache(path, embedder_name))
+    return dvecs
+
+
+def write_online_shard(folder, embedder_name, rank, dvecs):
+    """Write ``dvecs`` as the next shard of ``rank``: ``dvec-online-<embedder>-r<rank>-<n>.pt``."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        logger.warning("cannot create the d-vector cache folder %s (%s): d-vectors will be recomputed", folder,
+                       err)
+        return
+    taken = {p.name for p in folder.glob(f"{ONLINE_PREFIX}{embedder_name}-r{rank}-*.pt")}
+    n = len(taken)
+    while f"{ONLINE_PREFIX}{embedder_name}-r{rank}-{n:05d}.pt" in taken:
+        n += 1
+    write_cache(folder / f"{ONLINE_PREFIX}{embedder_name}-r{rank}-{n:05d}.pt", embedder_name, dvecs)

@@ -51,7 +51,7 @@ def _pick(u, n):
     return np.minimum((u * n).astype(np.int64), n - 1)
 
 
-def plan_candidates(speakers, size, seed, split_code):
+def plan_candidates(speakers, size, seed, split_code, stream=()):
     """Candidate triplets of each sample: int array [size, MAX_ATTEMPTS, 3] of utterance indices.
 
     Row ``[i, a]`` is attempt ``a`` of sample ``i``: (reference, target,
@@ -62,11 +62,13 @@ def plan_candidates(speakers, size, seed, split_code):
     ``default_rng([seed, split_code])``, so its candidates depend on the seed,
     the split, the data and ``i`` only. A triplet already drawn at an earlier
     (index, attempt) is struck out (set to -1): no two samples can be alike.
+    ``stream``: more integers for the seed (the online loader's epoch); the
+    generator's plan is that of ``stream=()``.
     """
     cand = np.full((size, MAX_ATTEMPTS, 3), -1, dtype=np.int64)
     if size == 0:
         return cand
-    rng = np.random.default_rng([seed, split_code])
+    rng = np.random.default_rng([seed, split_code, *stream])
     n_speakers, counts, offsets = len(speakers), speakers.counts, speakers.offsets
     block = 8192
     for start in range(0, size, block):

@@ -125,6 +125,7 @@ def _validate(hp, source):
         ("train", "optimizer"): ("adam", "adabound"),
         ("train", "loss"): ("mse", "power_law"),
         ("train", "precision"): ("fp32", "bf16", "fp16"),
+        ("data", "mixing"): ("precomputed", "online"),
     }
     for (section, key), allowed in choices.items():
         if hp[section][key] not in allowed:
@@ -134,6 +135,13 @@ def _validate(hp, source):
             raise UserError(f"{source}: train.{key} must be at least 1")
     if hp["data"]["audio_len"] <= 0:
         raise UserError(f"{source}: data.audio_len must be positive")
+    for key in ("train_subsets", "test_subsets"):
+        value = hp["data"][key]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UserError(f"{source}: data.{key} must be a list of subset folder names, got {value!r}")
+    for key in ("epoch_samples", "audio_cache_mb", "mixing_seed"):
+        if hp["data"][key] < 0:
+            raise UserError(f"{source}: data.{key} must not be negative")
 
 
 def _default_dict():

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from datasets.dataloader import build_dataset, create_dataloader
+from datasets.online import create_online_loader
 from model.embedder import load_embedder
 from model.model import VoiceFilter, count_parameters
 from utils.audio import Audio
@@ -165,8 +166,9 @@ def run_training(hp, name, base_dir=".", embedder="resemblyzer", checkpoint_path
         if dist.is_main:
             remove_interrupted_writes(chkpt_dir)
 
-        # data: d-vectors computed once per split (cached next to the data)
-        train_loader, test_set, embedder_name = load_data(hp, dist, embedder, train_dir, test_dir, progress)
+        # data: precomputed folders (d-vectors cached next to the data) or mixed on the fly
+        train_loader, test_set, embedder_name = load_data(hp, dist, embedder, train_dir, test_dir, progress,
+                                                          chkpt_dir)
 
         # model, optimizer, scaler, position: fresh, resumed, or another run's weights
         state = make_state(hp, dist, embedder_name, train_loader.sampler.batches_per_epoch, checkpoint_path,
@@ -272,7 +274,11 @@ def check_settings(hp, device, checkpoint_path=None, init_from=None):
     if hp.train.max_steps < 0 or hp.train.validation_samples < 0:
         raise UserError("train.max_steps and train.validation_samples must be 0 or positive")
     check_precision(hp.train.precision, device, "train.precision")
-    folders = _check_data_dir(hp, "train_dir"), _check_data_dir(hp, "test_dir")
+    if hp.data.mixing == "precomputed" and hp.data.reverse_data:
+        raise UserError("data.reverse_data (--reverse_data) applies to online mixing; precomputed data is reversed "
+                        "when generated: generator.py --reverse_data True")
+    train_dir = _check_data_dir(hp, "train_dir") if hp.data.mixing == "precomputed" else _check_online(hp)
+    folders = train_dir, _check_data_dir(hp, "test_dir")
     for flag, path in (("--checkpoint_path", checkpoint_path), ("--init_from", init_from)):
         if path and not Path(path).is_file():
             raise UserError(f"{flag}: checkpoint not found: {path}")
@@ -288,6 +294,26 @@ def _check_data_dir(hp, key):
     return Path(value)
 
 
+def _check_online(hp):
+    """data.mixing online: the corpus root, checked before any compute (None: no train folder)."""
+    d = hp.data
+    if d.libri_dir and d.voxceleb_dir:
+        raise UserError("data.libri_dir and data.voxceleb_dir are both set: online mixing reads one corpus")
+    root = d.libri_dir or d.voxceleb_dir
+    if not root:
+        raise UserError("data.mixing is online but data.libri_dir and data.voxceleb_dir are empty: set one in "
+                        "the config or pass --libri_dir / --voxceleb_dir")
+    if not Path(root).is_dir():
+        flag = "libri_dir" if d.libri_dir else "voxceleb_dir"
+        raise UserError(f"data.{flag} folder not found: {root}")
+    if d.epoch_samples < 1:
+        raise UserError("data.epoch_samples must be at least 1 with online mixing")
+    if d.train_dir:
+        logger.warning("data.mixing is online: data.train_dir %s is not read (the training data is mixed from %s)",
+                       d.train_dir, root)
+    return None
+
+
 def configure_backends(device):
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
@@ -295,11 +321,15 @@ def configure_backends(device):
         torch.use_deterministic_algorithms(True, warn_only=True)  # exact resume on CPU
 
 
-def load_data(hp, dist, embedder_spec, train_dir, test_dir, progress):
+def load_data(hp, dist, embedder_spec, train_dir, test_dir, progress, chkpt_dir=None):
     """The training loader (this process's shard), the test set (rank 0 only, else None) and the
-    embedder's name. Each split's d-vectors are computed once and cached beside the data."""
+    embedder's name. Precomputed data: each split's d-vectors are computed once and cached beside
+    the data. Online mixing (``train_dir`` None): the loader mixes from the corpus root and embeds
+    each reference when first drawn (cached in data.dvec_cache_dir, default ``chkpt_dir``)."""
     dvec_embedder = load_embedder(embedder_spec, hp, dist.device)
     embedder_name = dvec_embedder.name
+    if train_dir is None:
+        return load_online_data(hp, dist, dvec_embedder, test_dir, progress, chkpt_dir)
     train_set = build_dataset(hp, train_dir, dvec_embedder, write_cache=dist.is_main,
                               progress=dist.is_main and progress)
     test_set = None
@@ -314,6 +344,20 @@ def load_data(hp, dist, embedder_spec, train_dir, test_dir, progress):
     logger.info("%d training samples (batches per epoch and process: %d), %s test samples", len(train_set),
                 train_loader.sampler.batches_per_epoch, len(test_set) if test_set is not None else "-")
     return train_loader, test_set, embedder_name
+
+
+def load_online_data(hp, dist, dvec_embedder, test_dir, progress, chkpt_dir):
+    """:func:`load_data` with online mixing: the embedder stays, to embed references as they are drawn."""
+    test_set = None
+    if dist.is_main:
+        test_set = build_dataset(hp, test_dir, dvec_embedder, with_wavs=True, limit=hp.train.validation_samples,
+                                 progress=progress)
+        test_set[0]
+    cache_dir = Path(hp.data.dvec_cache_dir or chkpt_dir)
+    train_loader = create_online_loader(hp, dvec_embedder, cache_dir, dist.device, seed=hp.train.seed,
+                                        rank=dist.rank, world_size=dist.world_size)
+    logger.info("%s test samples", len(test_set) if test_set is not None else "-")
+    return train_loader, test_set, dvec_embedder.name
 
 
 def make_state(hp, dist, embedder_name, batches_per_epoch, checkpoint_path=None, init_from=None, chkpt_dir=None):

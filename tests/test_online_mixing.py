@@ -1,0 +1,281 @@
+"""data.mixing online: the generator's samples made on the fly, deterministic, resumable, nothing written."""
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from conftest import ROOT
+from test_trainer import make_embedder, write_config
+
+from datasets import mixing
+from datasets.dvec_cache import online_shard_paths
+from datasets.generation import generate
+from datasets.online import (
+    EpochSampler,
+    OnlineMixtures,
+    ReferenceDvecs,
+    cache_entries,
+    create_online_loader,
+    online_speakers,
+)
+from datasets.samples import list_samples
+from model.embedder import load_embedder
+from trainer import main as trainer_main
+from utils.audio import Audio
+from utils.checkpoint import load_checkpoint
+from utils.errors import UserError, run_cli
+from utils.hparams import HParam
+
+ONLINE = {"data": {"audio_len": 1.0, "mixing": "online", "train_subsets": ["train-clean-100"],
+                   "epoch_samples": 16},
+          "train": {"batch_size": 4, "num_workers": 0}}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A demo corpus, the generator's folders of it (seed 0, and reversed), a config and a tiny embedder."""
+    from prepare.demo_corpus import make_corpus
+
+    root = tmp_path_factory.mktemp("online")
+    corpus = root / "corpus"
+    make_corpus(corpus, subsets={"train-clean-100": (5, 4), "dev-clean": (3, 3)}, seed=3, duration=(2.0, 3.5),
+                jobs=1, progress=False)
+    config = write_config(root / "online.yaml", {**ONLINE, "data": {**ONLINE["data"], "libri_dir": str(corpus)}})
+    hp = HParam(config)
+    common = dict(processes=1, seed=0, train_subsets=["train-clean-100"], progress=False)
+    generate(hp, corpus, root / "gen", train_size=10, test_size=4, **common)
+    generate(hp, corpus, root / "gen-rev", train_size=4, test_size=0, reverse=True, **common)
+    make_embedder(root / "embedder.pt", config)
+    return root, corpus, config
+
+
+def _hp(config, **data):
+    hp = HParam(config)
+    hp.data.update(data)
+    return hp
+
+
+def _read(path):
+    return sf.read(path, dtype="float32")[0]
+
+
+def _dataset(hp):
+    return OnlineMixtures(hp, online_speakers(hp), cache_entries(hp, 0))
+
+
+# ---- the same samples as generator.py -------------------------------------------------------------
+def test_epoch_0_is_the_generators_training_split(setup):
+    root, _, config = setup
+    hp = _hp(config)
+    dataset, audio = _dataset(hp), Audio(hp)
+    samples = list_samples(root / "gen" / "train", hp)
+    assert len(samples) == 10
+    for i, sample in enumerate(samples):
+        reference, target_wav, mixed_wav = dataset[(0, i)]
+        assert dataset.speakers.paths[int(reference)] == sample.dvec_txt.read_text()
+        assert torch.equal(target_wav, torch.from_numpy(_read(sample.target_wav)))  # bit for bit
+        assert torch.equal(mixed_wav, torch.from_numpy(_read(sample.mixed_wav)))
+        # the one difference: torch.stft on the device instead of librosa (float32 rounding)
+        mags = audio.wav2spec_torch(torch.stack([target_wav, mixed_wav]))[0]
+        for mag, path in zip(mags, (sample.target_mag, sample.mixed_mag), strict=True):
+            stored = torch.load(path, weights_only=True)
+            assert mag.shape == stored.shape and (mag - stored).abs().max() < 1e-3
+
+
+def test_reverse_data_is_the_generators_reversed_split(setup):
+    root, _, config = setup
+    dataset = _dataset(_hp(config, reverse_data=True))
+    for i, sample in enumerate(list_samples(root / "gen-rev" / "train", HParam(config))):
+        _, output_wav, mixed_wav = dataset[(0, i)]
+        assert torch.equal(output_wav, torch.from_numpy(_read(sample.target_wav)))
+        assert torch.equal(mixed_wav, torch.from_numpy(_read(sample.mixed_wav)))
+    # the mixture is the same as unreversed; the model's target is the interference
+    forward, reverse = _dataset(_hp(config)).mixture(0, 1), dataset.mixture(0, 1)
+    assert np.array_equal(forward.mixed_wav, reverse.mixed_wav)
+    assert np.array_equal(reverse.output_wav, forward.interference_wav)
+
+
+def test_samples_depend_on_seed_epoch_and_index_only(setup):
+    _, _, config = setup
+    a, b = _dataset(_hp(config)), _dataset(_hp(config))
+    for key in [(1, 3), (0, 3), (2, 0), (1, 3)]:  # any order, a fresh dataset: the same sample
+        assert all(torch.equal(x, y) for x, y in zip(a[key], b[key], strict=True))
+    assert not torch.equal(a[(0, 3)][2], a[(1, 3)][2])  # each epoch draws new mixtures
+    other_seed = _dataset(_hp(config, mixing_seed=1))
+    assert not torch.equal(a[(1, 3)][2], other_seed[(1, 3)][2])
+
+
+def test_ranks_read_disjoint_shards_of_the_same_stream(setup):
+    _, _, config = setup
+    dataset = _dataset(_hp(config))
+    shards = []
+    for rank in (0, 1):
+        sampler = EpochSampler(dataset, 4, seed=5, rank=rank, world_size=2)
+        sampler.set_position(3)
+        shards.append(list(sampler))
+    assert all(epoch == 3 for epoch, _ in shards[0] + shards[1])
+    assert sorted(i for _, i in shards[0] + shards[1]) == list(range(16))
+    resumed = EpochSampler(dataset, 4, seed=5, rank=1, world_size=2)
+    resumed.set_position(3, start_batch=1)
+    assert list(resumed) == shards[1][4:]
+
+
+# ---- the loader -----------------------------------------------------------------------------------
+def _batches(hp, embedder, cache_dir, epoch=0):
+    loader = create_online_loader(hp, embedder, cache_dir, torch.device("cpu"), seed=7)
+    loader.sampler.set_position(epoch)
+    return list(loader)
+
+
+def test_zero_and_two_workers_give_the_same_batches(setup, tmp_path):
+    root, _, config = setup
+    embedder = load_embedder(root / "embedder.pt", HParam(config))
+    hp0, hp2 = _hp(config), _hp(config)
+    hp2.train.num_workers = 2
+    b0, b2 = _batches(hp0, embedder, tmp_path / "a", epoch=1), _batches(hp2, embedder, tmp_path / "b", epoch=1)
+    assert len(b0) == len(b2) == 4
+    for x, y in zip(b0, b2, strict=True):
+        assert [t.shape for t in x] == [(4, 256), (4, 101, 257), (4, 101, 257)]
+        assert all(torch.equal(s, t) for s, t in zip(x, y, strict=True))
+
+
+def test_a_user_error_in_a_worker_stays_one_line(setup, tmp_path, monkeypatch):
+    root, _, config = setup
+    hp = _hp(config)
+    hp.train.num_workers = 2
+    embedder = load_embedder(root / "embedder.pt", hp)
+    loader = create_online_loader(hp, embedder, tmp_path, torch.device("cpu"))
+
+    def dropped(self, epoch, index):
+        raise UserError(f"online mixing: all candidates of sample {index} of epoch {epoch} were dropped")
+    monkeypatch.setattr(OnlineMixtures, "mixture", dropped)  # the workers fork with it
+    loader.sampler.set_position(1)
+    with pytest.raises(UserError) as err:
+        list(loader)
+    assert str(err.value).startswith("online mixing: all candidates of sample") and "\n" not in str(err.value)
+
+
+def test_dvecs_are_computed_once_per_reference_and_equal_alone(setup, tmp_path, monkeypatch):
+    root, _, config = setup
+    hp = _hp(config)
+    embedder = load_embedder(root / "embedder.pt", hp)
+    calls = []
+    original = embedder.embed_many
+    monkeypatch.setattr(embedder, "embed_many", lambda wavs: calls.append(len(wavs)) or original(wavs))
+    first = _batches(hp, embedder, tmp_path)
+    references = {p for p in _dataset(hp).speakers.paths if p in ReferenceDvecs(embedder, tmp_path, 16000).dvecs}
+    assert calls and set(calls) == {1} and len(calls) == len(references)  # each reference once, alone
+    assert online_shard_paths(tmp_path, embedder.name)
+    calls.clear()
+    again = _batches(hp, embedder, tmp_path)  # a restart: read back from the shard files
+    assert calls == []
+    assert all(torch.equal(x[0], y[0]) for x, y in zip(first, again, strict=True))
+
+
+def test_a_small_corpus_is_decoded_once(setup, monkeypatch):
+    _, _, config = setup
+    hp = _hp(config)
+    decoded = []
+    original = mixing.load_wav
+    monkeypatch.setattr(mixing, "load_wav", lambda path, rate: decoded.append(path) or original(path, rate))
+    dataset = _dataset(hp)
+    for epoch in range(3):
+        for i in range(16):
+            dataset[(epoch, i)]
+    assert len(decoded) == len(set(decoded)) <= len(dataset.speakers.paths)
+    assert cache_entries(hp, 0) == 512 * 2**20 // (16000 * 4)
+    assert cache_entries(hp, 2) == cache_entries(hp, 0) // 2  # the bound is for all workers together
+
+
+# ---- the trainer ----------------------------------------------------------------------------------
+def _train(root, config, name, *extra):
+    return trainer_main(["-c", str(config), "-e", str(root / "embedder.pt"), "-m", name, "-b", str(root / "runs"),
+                         "--test_dir", str(root / "gen" / "test"), "--device", "cpu", *extra])
+
+
+def _files(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def test_resume_is_exact_and_nothing_is_written_per_sample(setup):
+    root, corpus, config = setup
+    config = write_config(root / "resume.yaml", {**ONLINE, "data": {**ONLINE["data"], "libri_dir": ""},
+                                                 "train": {**ONLINE["train"], "max_steps": 6,
+                                                           "checkpoint_interval": 3}})
+    corpus_before = _files(corpus)
+    assert _train(root, config, "straight", "--libri_dir", str(corpus)) == 0
+    chkpt = root / "runs" / "chkpt"
+    assert _train(root, config, "resumed", "--libri_dir", str(corpus),
+                  "--checkpoint_path", str(chkpt / "straight" / "chkpt_3.pt")) == 0
+    straight, resumed = load_checkpoint(chkpt / "straight" / "chkpt_6.pt"), load_checkpoint(
+        chkpt / "resumed" / "chkpt_6.pt")
+    for key, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+    # step 6 is mid-epoch 1 (4 batches per epoch): the stream went on into a fresh epoch
+    assert (straight["epoch"], straight["batch_in_epoch"]) == (1, 2)
+    assert HParam.from_string(straight["hp_str"]).data.mixing == "online"
+    # nothing per sample: the corpus is untouched, the run folder holds checkpoints and d-vector shards
+    assert _files(corpus) == corpus_before
+    names = _files(chkpt / "straight")
+    assert {"chkpt_3.pt", "chkpt_6.pt", "best.pt", "config.yaml"} <= set(names)
+    assert all(n in ("chkpt_3.pt", "chkpt_6.pt", "best.pt", "config.yaml") or n.startswith("dvec-online-ge2e-")
+               for n in names)
+
+
+@pytest.mark.parametrize("data, flags, message", [
+    ({}, [], "data.libri_dir and data.voxceleb_dir are empty"),
+    ({}, ["--libri_dir", "/nonexistent/libri"], "data.libri_dir folder not found: /nonexistent/libri"),
+    ({"mixing": "precomputed", "train_dir": "x"}, ["--reverse_data"], "applies to online mixing"),
+    ({"mixing": "sometimes"}, [], "data.mixing must be one of precomputed, online"),
+    ({}, ["--libri_dir", "/a", "--voxceleb_dir", "/b"], "data.libri_dir and data.voxceleb_dir are both set"),
+])
+def test_user_errors_are_one_line(setup, tmp_path, capsys, data, flags, message):
+    root, _, _ = setup
+    config = write_config(tmp_path / "c.yaml", {**ONLINE, "data": {**ONLINE["data"], "libri_dir": "", **data}})
+    with pytest.raises(SystemExit) as exit_status:
+        run_cli(lambda argv: _train(root, config, "bad", "-b", str(tmp_path), *flags))
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert exit_status.value.code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in err
+
+
+def test_too_many_epoch_samples_for_the_data_is_an_error(setup):
+    _, _, config = setup
+    with pytest.raises(UserError, match="distinct"):
+        online_speakers(_hp(config, epoch_samples=10**9))
+
+
+# ---- real speech ----------------------------------------------------------------------------------
+def test_online_equals_generator_on_librispeech_mini(libri_mini, tmp_path):
+    hp = HParam(ROOT / "config" / "tiny.yaml")
+    hp.data.update(mixing="online", libri_dir=str(libri_mini), train_subsets=["test-other"], test_subsets=[],
+                   input_glob="*.flac", epoch_samples=6)
+    generate(hp, libri_mini, tmp_path, train_size=6, test_size=0, processes=1, seed=0, input_glob="*.flac",
+             train_subsets=["test-other"], test_subsets=["dev-clean"], progress=False)
+    dataset = _dataset(hp)
+    assert len(dataset.speakers) == 10
+    for i, sample in enumerate(list_samples(tmp_path / "train", hp)):
+        _, target_wav, mixed_wav = dataset[(0, i)]
+        assert torch.equal(target_wav, torch.from_numpy(_read(sample.target_wav)))
+        assert torch.equal(mixed_wav, torch.from_numpy(_read(sample.mixed_wav)))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_each_read_and_embed_their_own_shard(setup, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root, corpus, _ = setup
+    config = write_config(tmp_path / "ddp.yaml", {**ONLINE, "data": {**ONLINE["data"], "libri_dir": str(corpus)},
+                                                  "train": {**ONLINE["train"], "max_steps": 3}})
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "trainer.py"), "-c", str(config), "-e", str(root / "embedder.pt"), "-m", "ddp",
+           "-b", str(tmp_path), "--test_dir", str(root / "gen" / "test"), "--device", "cpu"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    chkpt = tmp_path / "chkpt" / "ddp"
+    state = load_checkpoint(chkpt / "chkpt_3.pt")
+    assert state["step"] == 3 and state["world_size"] == 2 and state["epoch"] == 1  # 16 samples: 2 batches/rank
+    ranks = {p.name.split("-r")[-1].split("-")[0] for p in chkpt.glob("dvec-online-*.pt")}
+    assert ranks == {"0", "1"}
