@@ -1,4 +1,4 @@
-"""Run the three benchmarks one after the other (``make bench``): generator, training, inference.
+"""Run the benchmarks one after the other (``make bench``): generator, training data loader, training, inference.
 
 Each runs as its own subprocess with the flags given here passed on; each prints its markdown
 table as it finishes, and ``--json_dir`` keeps one JSON file per benchmark.
@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["bench_generator", "bench_train", "bench_inference"]
+BENCHMARKS = ["bench_generator", "bench_loader", "bench_train", "bench_inference"]
 
 
 def main():
