@@ -18,6 +18,7 @@ resumable split folder, the same whatever the process count:
 * ``manifest.jsonl`` is rebuilt in id order from the per-sample records at
   the end of every run.
 """
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -243,15 +244,32 @@ def _check_speakers(speakers, sizes, pattern):
                             f"{speakers[name].triplet_count()} distinct (reference, target, interference) triplets")
 
 
-def _open_pool(processes, total, init):
-    """The worker pool (None: work in this process, which is then set up as a worker)."""
+@contextlib.contextmanager
+def worker_pool(processes, total, initializer, initargs, worker_state):
+    """Yield the pool of worker processes for ``total`` jobs (None: this process does the work, set
+    up as a worker by ``initializer(*initargs, in_pool=False)``). On an error or Ctrl-C the workers
+    are terminated, so none outlives the run; ``worker_state`` (this process's worker dict, e.g.
+    its audio cache) is cleared on the way out."""
     workers = min(processes, total)
+    pool = None
     if workers > 1:
         logger.info("starting %d worker processes", workers)
-        return _process_context().Pool(workers, initializer=init_worker, initargs=init)
-    if total:
-        init_worker(*init, in_pool=False)
-    return None
+        pool = _process_context().Pool(workers, initializer=initializer, initargs=initargs)
+    elif total:
+        initializer(*initargs, in_pool=False)
+    try:
+        yield pool
+    except BaseException:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+            pool = None
+        raise
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        worker_state.clear()
 
 
 def generate(hp, libri_dir=None, out_dir="", train_size=40, test_size=20, processes=None, reverse=False, seed=0,
@@ -307,26 +325,14 @@ def generate(hp, libri_dir=None, out_dir="", train_size=40, test_size=20, proces
 
     splits = {SPLIT_CODES[n]: (str(out / n), speakers[n]) for n in sizes}
     init = (hp.hp_str, splits, bool(reverse), bool(vad), bool(float16))
-    pool = _open_pool(processes, sum(len(t) for t in todo.values()), init)
     summaries = {}
-    try:
+    with worker_pool(processes, sum(len(t) for t in todo.values()), init_worker, init, _WORKER) as pool:
         for name, size in sizes.items():
             start = time.perf_counter()
             made, drops = _run_split(name, todo[name], plans[name], pool, progress, hp.data.audio_len) \
                 if todo[name] else ({}, Counter())
             summaries[name] = _finish_split(name, out / name, size, made, done[name], drops,
                                             time.perf_counter() - start)
-    except BaseException:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-            pool = None
-        raise
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-        _WORKER.clear()  # the in-process cache of audio (-p 1)
     return summaries
 
 

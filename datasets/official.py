@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datasets.generation import FORMAT_VERSION, _process_context, counted, prepare_split_dir
+from datasets.generation import FORMAT_VERSION, counted, prepare_split_dir, worker_pool
 from datasets.mixing import Mixture
 from datasets.samples import complete_ids, read_record, sample_id, write_manifest, write_sample
 from utils.audio import Audio, load_wav
@@ -275,27 +275,10 @@ def generate_official(hp, tuples, libri_dir, out_dir, test_size=None, skip_missi
 
 def _run(todo, processes, init, progress):
     """Make the samples of ``todo`` (in this process, or a pool); returns {row: record}."""
-    workers = min(processes, len(todo))
-    pool = None
-    if workers > 1:
-        pool = _process_context().Pool(workers, initializer=init_worker, initargs=init)
-    elif todo:
-        init_worker(*init, in_pool=False)
     records = {}
-    try:
+    with worker_pool(processes, len(todo), init_worker, init, _WORKER) as pool:
         results = map(make_sample, todo) if pool is None else pool.imap_unordered(make_sample, todo, chunksize=4)
         for row, record in counted(results, len(todo), f"{SPLIT} samples", progress):
             records[row] = record
-    except BaseException:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-            pool = None
-        raise
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
-        _WORKER.clear()
     return records
 
