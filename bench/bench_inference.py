@@ -189,7 +189,7 @@ def run_model(args, files, precision, channels_last, fold, device):
     dvec = torch.nn.functional.normalize(torch.randn(1, hp.embedder.emb_dim, device=device), dim=1)
     result = {"precision": precision}
     for i, (seconds, path) in enumerate(files["mixtures"].items()):
-        mag, _ = audio.wav2spec_torch(torch.from_numpy(load_wav(path)).to(device)[None])  # [1, T, F]
+        mag = audio.wav2spec_torch(torch.from_numpy(load_wav(path)).to(device)[None], phase=False)  # [1, T, F]
         repeats = args.repeats if float(seconds) <= 10 else args.long_repeats
         times = common.time_call(lambda m=mag: separator.mask(m, dvec), device,
                                  warmup=args.warmup if i == 0 else 0, repeats=repeats)

@@ -188,7 +188,7 @@ class OnlineBatches:
             for reference, target_wav, mixed_wav in self._batches():
                 dvec = self.dvecs([self.paths[i] for i in reference.tolist()])
                 wavs = torch.cat([target_wav, mixed_wav]).to(self.device, non_blocking=True)  # one STFT call
-                target_mag, mixed_mag = self.audio.wav2spec_torch(wavs)[0].chunk(2)
+                target_mag, mixed_mag = self.audio.wav2spec_torch(wavs, phase=False).chunk(2)
                 yield dvec, target_mag, mixed_mag
         finally:  # also when the loop leaves mid-epoch (max_steps, a signal): keep what was embedded
             self.dvecs.flush()

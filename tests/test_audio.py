@@ -173,3 +173,9 @@ def test_mel_basis_equals_librosa(rate, n_fft, n_mels):
     got = mel_basis(rate, n_fft, n_mels)
     assert got.shape == expected.shape and got.dtype == np.float32
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_torch_magnitude_alone_equals_the_pairs_magnitude(audio):
+    wavs = torch.from_numpy(np.stack([tone(1.0, seed=1), tone(1.0, freq=330.0, seed=2)]))
+    mag, _ = audio.wav2spec_torch(wavs)
+    assert torch.equal(audio.wav2spec_torch(wavs, phase=False), mag)

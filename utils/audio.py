@@ -183,8 +183,11 @@ class Audio:
             self._torch_cache[key] = torch.from_numpy(self._mel_basis.copy()).to(device)
         return self._torch_cache[key]
 
-    def wav2spec_torch(self, wav):
-        """Waveforms [B, N] (or [N]) -> (magnitude, phase), each [B, T, F], float32."""
+    def wav2spec_torch(self, wav, phase=True):
+        """Waveforms [B, N] (or [N]) -> (magnitude, phase), each [B, T, F], float32.
+
+        ``phase=False`` returns the magnitude alone, for training, which never uses the phase
+        (its ``angle`` is a large part of the transform's time)."""
         a = self.hp.audio
         with torch.autocast(wav.device.type, enabled=False):
             D = torch.stft(
@@ -193,7 +196,10 @@ class Audio:
             )
             S = 20.0 * torch.log10(torch.clamp(D.abs(), min=1e-5)) - a.ref_level_db
             S = torch.clamp(S / -a.min_level_db, -1.0, 0.0) + 1.0
-            return S.transpose(-1, -2).contiguous(), torch.angle(D).transpose(-1, -2).contiguous()
+            mag = S.transpose(-1, -2).contiguous()
+            if not phase:
+                return mag
+            return mag, torch.angle(D).transpose(-1, -2).contiguous()
 
     def spec2wav_torch(self, spectrogram, phase, length=None):
         """(magnitude [B, T, F], phase [B, T, F]) -> waveforms [B, hop * (T - 1)] (or ``length``)."""
