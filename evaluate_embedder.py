@@ -73,7 +73,6 @@ def main(argv=None):
             raise UserError(f"--{flag} must be 0 or more")
     hp = HParam(args.config)
     out_dir = check_writable_dir(args.out_dir, "-o")
-    apply_threads(args.threads, logger)
 
     from embedding.eer import evaluate_trials, folder_trials, read_trials
     from embedding.report import save_det_curve, save_score_histogram, write_report
@@ -87,6 +86,7 @@ def main(argv=None):
         trials = folder_trials(speakers, sample=args.sample, seed=args.seed)
         source = {"data_dir": str(args.data_dir), "speakers": len(speakers), "input_glob": args.input_glob,
                   "utterances_per_speaker": args.utterances or None, "sample": args.sample, "seed": args.seed}
+    apply_threads(args.threads, logger)
     device = pick_device(args.device)
     embedder = load_embedder(args.embedder_path, hp, device)
     start = time.perf_counter()
