@@ -42,7 +42,17 @@ def corpus(tmp_path_factory):
     return root
 
 
-def write_config(path, ge2e=None, embedder=None, base="ge2e-tiny.yaml"):
+@pytest.fixture(scope="module")
+def long_corpus(tmp_path_factory):
+    """Utterances long enough for the mixture generator (4-6 s)."""
+    from utils.demo_corpus import make_corpus
+
+    root = tmp_path_factory.mktemp("long-corpus")
+    make_corpus(root, {"train-clean-100": (3, 3), "dev-clean": (3, 3)}, jobs=1, progress=False)
+    return root
+
+
+def write_config(path, ge2e=None, embedder=None, base="ge2e-tiny.yaml", data=None):
     """config/tiny.yaml (a VoiceFilter small enough for the tests) + a GE2E config, with overrides:
     one file serves embedder_trainer.py, trainer.py and inference.py alike."""
     sections = {}
@@ -52,6 +62,7 @@ def write_config(path, ge2e=None, embedder=None, base="ge2e-tiny.yaml"):
                 sections.setdefault(key, {}).update(values)
     sections["embedder"].update(embedder or {})
     sections["ge2e"].update(ge2e or {})
+    sections["data"].update(data or {})
     path.write_text("---\n".join(yaml.safe_dump({k: v}) for k, v in sections.items()))
     return path
 
@@ -200,13 +211,14 @@ def run_script(script, *args, timeout=300):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_written_embedder_works_with_e_in_trainer_and_inference(corpus, tmp_path, arch):
+def test_written_embedder_works_with_e_in_trainer_and_inference(corpus, long_corpus, tmp_path, arch):
     config = write_config(tmp_path / "c.yaml", {"architecture": arch, "max_steps": 2, "speakers_per_batch": 3,
-                                                "utterances_per_speaker": 2}, embedder=ARCHS[arch])
+                                                "utterances_per_speaker": 2}, embedder=ARCHS[arch],
+                          data={"audio_len": 1.0})
     assert train(tmp_path, "emb", config, corpus_dir=corpus) == 0
     embedder = tmp_path / "chkpt" / "emb" / "embedder.pt"
-    proc = run_script("generator.py", "-c", config, "-d", corpus, "-o", tmp_path / "data", "-p", 1,
-                      "--train_size", 4, "--test_size", 2, "--train_subsets", "train-clean-100",
+    proc = run_script("generator.py", "-c", config, "-d", long_corpus, "-o", tmp_path / "data", "-p", 1,
+                      "--train_size", 8, "--test_size", 2, "--train_subsets", "train-clean-100",
                       "--test_subsets", "dev-clean", "--input_glob", "*-norm.wav")
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = run_script("trainer.py", "-c", config, "-e", embedder, "-m", "vf", "-b", tmp_path, "--max_steps", 1,
@@ -214,7 +226,7 @@ def test_written_embedder_works_with_e_in_trainer_and_inference(corpus, tmp_path
                       "--device", "cpu")
     assert proc.returncode == 0, proc.stderr[-2000:]
     mixed = sorted((tmp_path / "data" / "test").glob("*-mixed.wav"))[0]
-    reference = sorted((corpus / "dev-clean").rglob("*-norm.wav"))[0]
+    reference = sorted((long_corpus / "dev-clean").rglob("*-norm.wav"))[0]
     proc = run_script("inference.py", "-c", config, "-e", embedder, "--checkpoint_path",
                       tmp_path / "chkpt" / "vf" / "chkpt_1.pt", "-m", mixed, "-r", reference, "-o", tmp_path / "out")
     assert proc.returncode == 0, proc.stderr[-2000:]
