@@ -23,7 +23,8 @@ def build_parser():
     parser.add_argument("--max_steps", type=int, default=None,
                         help="stop at this step (overrides ge2e.max_steps; 0: until interrupted)")
     parser.add_argument("--libri_dir", default=None, help="LibriSpeech root (overrides ge2e.libri_dir)")
-    parser.add_argument("--vox_dir", default=None, help="VoxCeleb speaker folders (overrides ge2e.vox_dir)")
+    parser.add_argument("--vox_dir", default=None,
+                        help="a folder of VoxCeleb speaker folders (overrides ge2e.vox_dir; with --libri_dir: both)")
     add_device_flag(parser)
     add_threads_flag(parser)
     return parser
@@ -38,9 +39,9 @@ def main(argv=None):
             raise UserError("--max_steps must be 0 or more")
         hp.ge2e.max_steps = args.max_steps
     if args.libri_dir is not None:
-        hp.ge2e.libri_dir, hp.ge2e.vox_dir = args.libri_dir, ""
+        hp.ge2e.libri_dir = args.libri_dir
     if args.vox_dir is not None:
-        hp.ge2e.vox_dir, hp.ge2e.libri_dir = args.vox_dir, ""
+        hp.ge2e.vox_dir = args.vox_dir
     apply_threads(args.threads, logging.getLogger("embedder_trainer"))
 
     from embedding.train import run_training  # torch and friends: after the flags are checked

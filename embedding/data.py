@@ -51,36 +51,53 @@ def speaker_files(folders, pattern):
     return {name: sorted(files) for name, files in found.items()}
 
 
+def _voxceleb_speakers(root, pattern):
+    """VoxCeleb's speaker folders: all but the last 20 (sorted) to train, those 20 to validate."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir())
+    val_names = {p.name for p in folders[len(folders) - min(VOXCELEB_TEST_SPEAKERS, len(folders) // 2):]}
+    everyone = speaker_files([root], pattern)
+    return ({k: v for k, v in everyone.items() if k not in val_names},
+            {k: v for k, v in everyone.items() if k in val_names})
+
+
+def _librispeech_speakers(root, g):
+    def folders(key):
+        names = _subsets(g[key])
+        missing = [n for n in names if not (root / n).is_dir()]
+        if missing:
+            raise UserError(f"LibriSpeech subset folder {root / missing[0]} not found (ge2e.{key})")
+        return [root / n for n in names]
+    val = speaker_files(folders("val_subsets"), g.input_glob)
+    train = speaker_files(folders("train_subsets"), g.input_glob)
+    return {k: v for k, v in train.items() if k not in val}, val
+
+
 def find_training_speakers(g):
-    """``(train, validation)``: {speaker: [paths]} from the ``ge2e`` config section ``g``."""
-    if bool(g.libri_dir) == bool(g.vox_dir):
-        raise UserError("set exactly one of ge2e.libri_dir (LibriSpeech root) and ge2e.vox_dir (VoxCeleb folder)")
-    root = Path(g.libri_dir or g.vox_dir)
-    if not root.is_dir():
-        raise UserError(f"data folder not found: {root} (ge2e.{'libri_dir' if g.libri_dir else 'vox_dir'})")
-    if g.vox_dir:
-        folders = sorted(p for p in root.iterdir() if p.is_dir())
-        n_val = min(VOXCELEB_TEST_SPEAKERS, len(folders) // 2)
-        everyone = speaker_files([root], g.input_glob)
-        val_names = {p.name for p in folders[len(folders) - n_val:]}
-        train = {k: v for k, v in everyone.items() if k not in val_names}
-        val = {k: v for k, v in everyone.items() if k in val_names}
-    else:
-        def folders(key):
-            names = _subsets(g[key])
-            missing = [n for n in names if not (root / n).is_dir()]
-            if missing:
-                raise UserError(f"LibriSpeech subset folder {root / missing[0]} not found (ge2e.{key})")
-            return [root / n for n in names]
-        train = speaker_files(folders("train_subsets"), g.input_glob)
-        val = speaker_files(folders("val_subsets"), g.input_glob)
-        train = {k: v for k, v in train.items() if k not in val}
+    """``(train, validation)``: {speaker: [paths]} from the ``ge2e`` config section ``g``: the
+    speakers of LibriSpeech (``libri_dir``), of VoxCeleb (``vox_dir``), or of both together."""
+    if not g.libri_dir and not g.vox_dir:
+        raise UserError("set ge2e.libri_dir (a LibriSpeech root) and/or ge2e.vox_dir (a VoxCeleb folder), "
+                        "or pass --libri_dir/--vox_dir")
+    train, val = {}, {}
+    for key in ("libri_dir", "vox_dir"):
+        if not g[key]:
+            continue
+        root = Path(g[key])
+        if not root.is_dir():
+            raise UserError(f"data folder not found: {root} (ge2e.{key})")
+        more_train, more_val = _voxceleb_speakers(root, g.input_glob) if key == "vox_dir" else \
+            _librispeech_speakers(root, g)
+        for mine, more in ((train, more_train), (val, more_val)):
+            for name, files in more.items():
+                mine.setdefault(name, []).extend(files)
+    train = {k: v for k, v in train.items() if k not in val}  # a validation speaker is never trained on
     if g.holdout_list:
         held = set(read_speaker_list(g.holdout_list))
         train = {k: v for k, v in train.items() if k not in held}
     if not train:
-        raise UserError(f"no training speaker with '{g.input_glob}' files under {root} "
-                        f"(check ge2e.input_glob and the subsets)")
+        roots = " and ".join(str(g[k]) for k in ("libri_dir", "vox_dir") if g[k])
+        raise UserError(f"no training speaker with '{g.input_glob}' files under {roots} "
+                        f"(check ge2e.input_glob and ge2e.train_subsets)")
     return train, val
 
 

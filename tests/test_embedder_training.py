@@ -124,6 +124,24 @@ def test_split_into_crops_cuts_disjoint_pieces(tmp_path):
     assert [(c.start, c.stop) for c in crops] == [(0, 32000), (32000, 64000)]
 
 
+def test_speakers_of_librispeech_and_voxceleb_together(corpus, tmp_path):
+    from embedding.data import find_training_speakers
+
+    for speaker in range(4):
+        for utt in range(2):
+            path = tmp_path / "vox" / f"id1000{speaker}" / "video" / f"0000{utt}.wav"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"")
+    (tmp_path / "holdout.txt").write_text("1001\n")
+    hp = HParam(write_config(tmp_path / "c.yaml", {
+        "libri_dir": str(corpus), "vox_dir": str(tmp_path / "vox"), "input_glob": "*.wav",
+        "holdout_list": str(tmp_path / "holdout.txt")}))
+    train, val = find_training_speakers(hp.ge2e)
+    assert sorted(val) == ["2001", "2002", "2003", "2004", "id10002", "id10003"]  # dev-clean + VoxCeleb's last
+    assert sorted(train) == [str(s) for s in range(1002, 1009)] + ["id10000", "id10001"]  # 1001 held out
+    assert all(len(v) == 2 for k, v in train.items() if k.startswith("id"))
+
+
 # ---- learning ---------------------------------------------------------------------------------------
 def test_loss_and_heldout_eer_fall_on_the_demo_corpus(corpus, tmp_path):
     config = write_config(tmp_path / "learn.yaml", {"checkpoint_interval": 150})
@@ -202,6 +220,24 @@ def test_resemblyzer_file_is_resemblyzers_format(corpus, tmp_path):
     embedder = load_embedder(tmp_path / "chkpt" / "x" / "embedder.pt", HParam(config))
     assert embedder.kind == RESEMBLYZER
     assert embedder.embed(np.random.default_rng(0).standard_normal(24000)).shape == (8,)
+
+
+@pytest.mark.parametrize("state, message", [
+    ({"model_state": {"lstm.weight_hh_l0": torch.zeros(4, 1)}}, "not a resemblyzer encoder's"),
+    ({"step": 1, "model_state": {}}, "not a resemblyzer encoder's"),
+])
+def test_broken_resemblyzer_format_file_is_a_user_error(tmp_path, state, message):
+    torch.save(state, tmp_path / "e.pt")
+    with pytest.raises(UserError, match=message):
+        load_embedder(tmp_path / "e.pt", HParam())
+
+
+def test_resemblyzer_format_file_of_another_size_is_a_user_error(tmp_path):
+    from model.embedder import ResemblyzerEncoder, resemblyzer_format
+
+    torch.save(resemblyzer_format(ResemblyzerEncoder(hidden=8, layers=1, emb_dim=8), 0), tmp_path / "e.pt")
+    with pytest.raises(UserError, match="gives 8-dim d-vectors but embedder.emb_dim is 256"):
+        load_embedder(tmp_path / "e.pt", HParam())
 
 
 def run_script(script, *args, timeout=300):
