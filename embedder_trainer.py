@@ -11,7 +11,6 @@ import logging
 
 from utils.cli import UserErrorParser, add_device_flag, add_threads_flag, apply_threads, setup_console_logging
 from utils.errors import UserError, run_cli
-from utils.hparams import HParam
 
 
 def build_parser():
@@ -33,7 +32,9 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     setup_console_logging()
-    hp = HParam(args.config)
+    from embedding.config import load_ge2e_config  # yaml and utils only: no torch yet
+
+    hp = load_ge2e_config(args.config)
     if args.max_steps is not None:
         if args.max_steps < 0:
             raise UserError("--max_steps must be 0 or more")

@@ -12,6 +12,7 @@ histograms) or ``OUT_DIR/det.png`` (``--plot det``).
 import logging
 import time
 
+from embedding.config import load_ge2e_config
 from utils.cli import (
     UserErrorParser,
     add_device_flag,
@@ -22,7 +23,7 @@ from utils.cli import (
     setup_console_logging,
 )
 from utils.errors import UserError, run_cli
-from utils.hparams import HParam
+from utils.hparams import DEFAULT_CONFIG
 
 logger = logging.getLogger("evaluate_embedder")
 
@@ -71,7 +72,7 @@ def main(argv=None):
     for flag in ("utterances", "sample"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag} must be 0 or more")
-    hp = HParam(args.config)
+    hp = load_ge2e_config(args.config or DEFAULT_CONFIG)  # a VoiceFilter config, or a GE2E one
     out_dir = check_writable_dir(args.out_dir, "-o")
 
     from embedding.eer import evaluate_trials, folder_trials, read_trials

@@ -25,6 +25,7 @@ import torch
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
+from embedding.config import ge2e_config_changes
 from embedding.data import BatchSource, find_training_speakers, utterance_lists
 from embedding.eer import evaluate_trials, folder_trials
 from embedding.ge2e import GE2ELoss
@@ -41,7 +42,7 @@ from utils.audio import Audio, load_wav
 from utils.checkpoint import load_checkpoint, load_model_weights
 from utils.cli import check_writable_dir, pick_device
 from utils.errors import TrainingDiverged, UserError
-from utils.hparams import HParam, config_changes
+from utils.hparams import HParam
 from utils.train import StopSignals
 
 logger = logging.getLogger(__name__)
@@ -206,8 +207,7 @@ def resume(run, path):
         raise UserError(f"the optimizer state in {path} does not fit: {err}") from None
     run.step = int(state["step"])
     run.eer_history = [(int(s), float(e)) for s, e in state.get("eer_history", [])]
-    changes = [c for c in config_changes(state["hp_str"], run.hp, sections=["audio", "embedder", "ge2e"])
-               if c[0] not in NOT_HYPERPARAMETERS]
+    changes = ge2e_config_changes(state["hp_str"], run.hp, ["audio", "embedder", "ge2e"], NOT_HYPERPARAMETERS)
     for key, old, new in changes:
         logger.warning("resuming with %s = %r (the checkpoint was trained with %r)", key, new, old)
     logger.info("resumed from %s at step %d", path, run.step)

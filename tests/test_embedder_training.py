@@ -15,6 +15,7 @@ import yaml
 from conftest import ROOT
 
 from embedder_trainer import main as trainer_main
+from embedding.config import load_ge2e_config
 from embedding.data import split_into_crops
 from embedding.ge2e import GE2ELoss
 from model.embedder import RESEMBLYZER, SpeechEmbedder, load_embedder
@@ -53,8 +54,7 @@ def long_corpus(tmp_path_factory):
 
 
 def write_config(path, ge2e=None, embedder=None, base="ge2e-tiny.yaml", data=None):
-    """config/tiny.yaml (a VoiceFilter small enough for the tests) + a GE2E config, with overrides:
-    one file serves embedder_trainer.py, trainer.py and inference.py alike."""
+    """config/tiny.yaml (a VoiceFilter small enough for the tests) + a GE2E config, with overrides."""
     sections = {}
     for name in ("tiny.yaml", base):
         for doc in yaml.safe_load_all((ROOT / "config" / name).read_text()):
@@ -63,6 +63,14 @@ def write_config(path, ge2e=None, embedder=None, base="ge2e-tiny.yaml", data=Non
     sections["embedder"].update(embedder or {})
     sections["ge2e"].update(ge2e or {})
     sections["data"].update(data or {})
+    path.write_text("---\n".join(yaml.safe_dump({k: v}) for k, v in sections.items()))
+    return path
+
+
+def voicefilter_config(ge2e_config):
+    """The same config without its ge2e section, for trainer.py, generator.py and inference.py."""
+    sections = {k: v for doc in yaml.safe_load_all(ge2e_config.read_text()) for k, v in doc.items() if k != "ge2e"}
+    path = ge2e_config.with_name(ge2e_config.stem + "-voicefilter.yaml")
     path.write_text("---\n".join(yaml.safe_dump({k: v}) for k, v in sections.items()))
     return path
 
@@ -133,7 +141,7 @@ def test_speakers_of_librispeech_and_voxceleb_together(corpus, tmp_path):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(b"")
     (tmp_path / "holdout.txt").write_text("1001\n")
-    hp = HParam(write_config(tmp_path / "c.yaml", {
+    hp = load_ge2e_config(write_config(tmp_path / "c.yaml", {
         "libri_dir": str(corpus), "vox_dir": str(tmp_path / "vox"), "input_glob": "*.wav",
         "holdout_list": str(tmp_path / "holdout.txt")}))
     train, val = find_training_speakers(hp.ge2e)
@@ -204,7 +212,7 @@ def test_embedder_file_has_the_original_key_layout(corpus, tmp_path, parity_dir)
     written = torch.load(tmp_path / "chkpt" / "x" / "embedder.pt", weights_only=True)
     original = torch.load(parity_dir / "embedder.pt", weights_only=True)
     assert list(written) == list(original)  # same keys, same order: a bare state_dict as the original's
-    net = SpeechEmbedder(HParam(config))
+    net = SpeechEmbedder(load_ge2e_config(config))
     net.load_state_dict(written)  # and the original's module loads it
 
 
@@ -217,7 +225,7 @@ def test_resemblyzer_file_is_resemblyzers_format(corpus, tmp_path):
     assert written["step"] == 1
     assert {k.split(".")[0] for k in written["model_state"]} == {"similarity_weight", "similarity_bias", "lstm",
                                                                   "linear"}
-    embedder = load_embedder(tmp_path / "chkpt" / "x" / "embedder.pt", HParam(config))
+    embedder = load_embedder(tmp_path / "chkpt" / "x" / "embedder.pt", load_ge2e_config(config))
     assert embedder.kind == RESEMBLYZER
     assert embedder.embed(np.random.default_rng(0).standard_normal(24000)).shape == (8,)
 
@@ -253,6 +261,7 @@ def test_written_embedder_works_with_e_in_trainer_and_inference(corpus, long_cor
                           data={"audio_len": 1.0})
     assert train(tmp_path, "emb", config, corpus_dir=corpus) == 0
     embedder = tmp_path / "chkpt" / "emb" / "embedder.pt"
+    config = voicefilter_config(config)  # the same embedder section
     proc = run_script("generator.py", "-c", config, "-d", long_corpus, "-o", tmp_path / "data", "-p", 1,
                       "--train_size", 8, "--test_size", 2, "--train_subsets", "train-clean-100",
                       "--test_subsets", "dev-clean", "--input_glob", "*-norm.wav")
@@ -278,7 +287,7 @@ def test_fine_tuning_starts_from_resemblyzers_weights(corpus, tmp_path):
                                                 "checkpoint_interval": 1},
                           embedder={"lstm_hidden": 256, "lstm_layers": 3, "emb_dim": 256})
     assert train(tmp_path, "ft", config, corpus_dir=corpus) == 0
-    hp = HParam(config)
+    hp = load_ge2e_config(config)
     hp.ge2e.libri_dir = str(corpus)
     from embedding.data import find_training_speakers
     trials = validation_set(hp, find_training_speakers(hp.ge2e)[1])
@@ -327,6 +336,24 @@ def test_user_errors(corpus, tmp_path, case):
                 "foreign checkpoint": "not an embedder_trainer.py checkpoint"}[case]
     with pytest.raises(UserError, match=expected):
         train(tmp_path, "x", config, *extra, corpus_dir=data)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("ge2e:\n  speakers_per_batch: 'many'\n", r"c.yaml: 'ge2e.speakers_per_batch' must be int"),
+    ("ge2e:\n  learning_rate: 0.1\n", r"c.yaml: unknown key 'ge2e.learning_rate'"),
+    ("embedder:\n  lstm_hiden: 3\n", r"c.yaml: unknown key 'embedder.lstm_hiden'"),
+])
+def test_config_errors_name_the_file_and_key(tmp_path, text, message):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(UserError, match=message):
+        load_ge2e_config(tmp_path / "c.yaml")
+
+
+def test_config_round_trips_through_hp_str(tmp_path):
+    hp = load_ge2e_config(write_config(tmp_path / "c.yaml", {"lr": 0.5}))
+    again = load_ge2e_config(text=hp.hp_str)
+    assert again == hp and again.ge2e.lr == 0.5 and again.ge2e.val_utterances == 4
+    assert "ge2e" not in HParam()  # VoiceFilter configs are unchanged
 
 
 def test_cli_error_is_one_line(tmp_path):
