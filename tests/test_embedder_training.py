@@ -176,6 +176,8 @@ def test_heldout_eer_falls_on_librispeech_with_split_utterances(libri_mini, tmp_
     assert train(tmp_path, "libri", config, "--threads", 1, corpus_dir=libri_mini) == 0
     history = load_checkpoint(tmp_path / "chkpt" / "libri" / "chkpt_200.pt")["eer_history"]
     assert history[-1][1] < history[0][1] - 0.1
+    losses = [v for _, v in sorted(read_scalars(tmp_path / "logs" / "libri")["train_loss"])]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2  # from ln 16 = 2.77
 
 
 # ---- resume, files ---------------------------------------------------------------------------------
@@ -347,6 +349,13 @@ def test_config_errors_name_the_file_and_key(tmp_path, text, message):
     (tmp_path / "c.yaml").write_text(text)
     with pytest.raises(UserError, match=message):
         load_ge2e_config(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "config").glob("ge2e-*.yaml")))
+def test_shipped_ge2e_configs_are_valid(name):
+    from embedding.train import check_config
+
+    check_config(load_ge2e_config(ROOT / "config" / name))
 
 
 def test_config_round_trips_through_hp_str(tmp_path):
