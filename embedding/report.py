@@ -36,10 +36,7 @@ def save_score_histogram(path, result):
 
 def save_det_curve(path, result):
     """The DET curve (miss rate against false-alarm rate on normal-deviate axes), the EER marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # utils.plotting has chosen the Agg backend
     from scipy.special import ndtri
 
     _, far, frr = error_rates(result["scores"], result["labels"])

@@ -16,6 +16,7 @@ import copy
 import itertools
 import logging
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +51,7 @@ logger = logging.getLogger(__name__)
 ARCHITECTURES = ("original", RESEMBLYZER)
 EMBEDDER_NAME = "embedder.pt"
 CONFIG_NAME = "config.yaml"
-SIGNAL_EXIT = {2: 130, 15: 143}  # SIGINT, SIGTERM
+SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # where the data lie, how it is loaded and when to stop: a resume changing these is not warned about
 NOT_HYPERPARAMETERS = {"ge2e.max_steps", "ge2e.libri_dir", "ge2e.vox_dir", "ge2e.num_workers", "ge2e.cache_audio"}
 
@@ -63,6 +64,9 @@ def check_config(hp):
     for key in ("speakers_per_batch", "crop_frames", "summary_interval", "checkpoint_interval", "val_utterances"):
         if g[key] < 1:
             raise UserError(f"ge2e.{key} must be at least 1, got {g[key]}")
+    for key in ("max_steps", "val_speakers", "val_trials", "num_workers"):
+        if g[key] < 0:
+            raise UserError(f"ge2e.{key} must be 0 or more, got {g[key]}")
     if g.utterances_per_speaker < 2 or g.speakers_per_batch < 2:
         raise UserError("GE2E needs ge2e.speakers_per_batch >= 2 and ge2e.utterances_per_speaker >= 2")
     if g.architecture == "original" and g.crop_frames < e.window:

@@ -150,6 +150,21 @@ def test_speakers_of_librispeech_and_voxceleb_together(corpus, tmp_path):
     assert all(len(v) == 2 for k, v in train.items() if k.startswith("id"))
 
 
+def test_batches_depend_on_seed_and_step_only_with_or_without_workers(corpus):
+    from embedding.data import BatchSource, find_training_speakers, utterance_lists
+
+    hp = load_ge2e_config(ROOT / "config" / "ge2e-tiny.yaml")
+    hp.ge2e.libri_dir = str(corpus)
+    utts = utterance_lists(find_training_speakers(hp.ge2e)[0], False, 8000)
+    source = BatchSource(utts, 3, 2, 8000, seed=5, volume_normalize=False, cache_audio=False)
+    loader = torch.utils.data.DataLoader(source, batch_size=None, sampler=range(7, 10), num_workers=1)
+    batches = list(loader)
+    assert all(torch.equal(b, source[7 + i]) for i, b in enumerate(batches)) and batches[0].shape == (6, 8000)
+    assert not torch.equal(source[7], source[8])
+    other_seed = BatchSource(utts, 3, 2, 8000, seed=6, volume_normalize=False, cache_audio=False)
+    assert not torch.equal(source[7], other_seed[7])
+
+
 # ---- learning ---------------------------------------------------------------------------------------
 def test_loss_and_heldout_eer_fall_on_the_demo_corpus(corpus, tmp_path):
     config = write_config(tmp_path / "learn.yaml", {"checkpoint_interval": 150})
