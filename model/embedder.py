@@ -9,9 +9,11 @@ Two are supported behind one interface (:func:`load_embedder`):
   ``resemblyzer`` pip package, so a user without the original file has a
   working d-vector offline. Only its weights file is read (safely); its
   Python module is not imported (it needs setuptools' pkg_resources through
-  webrtcvad, and this project trims silence itself).
+  webrtcvad, and this project trims silence itself). A file in resemblyzer's
+  own format (``{step, model_state}``, what embedder_trainer.py writes for this
+  architecture) loads the same way, sized from its weights.
 
-Both give a 256-dim d-vector per reference waveform.
+Both give a d-vector per reference waveform (256-dim for the published weights).
 """
 import hashlib
 import importlib.util
