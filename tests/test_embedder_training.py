@@ -5,6 +5,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -319,15 +320,20 @@ def test_ctrl_c_writes_a_checkpoint_that_resumes(corpus, tmp_path):
     proc = subprocess.Popen([sys.executable, str(ROOT / "embedder_trainer.py"), "-c", str(config), "-m", "int",
                              "-b", str(tmp_path), "--libri_dir", str(corpus), "--device", "cpu"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=SCRIPT_ENV)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and not (tmp_path / "logs" / "int").is_dir():
+        deadline = time.time() + 180
+        while time.time() < deadline and not any("step 0: validation EER" in line for line in lines):
             time.sleep(0.2)
-        time.sleep(8)  # past start-up and the first validation, into the steps
+        time.sleep(2)  # into the steps
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        proc.wait(timeout=120)
+        reader.join(timeout=10)
     finally:
         proc.kill()
+    err = "".join(lines)
     assert proc.returncode == 130, err[-2000:]
     saved = sorted((tmp_path / "chkpt" / "int").glob("chkpt_*.pt"))
     assert len(saved) == 1 and "resume with --checkpoint_path" in err
