@@ -9,9 +9,11 @@ Two are supported behind one interface (:func:`load_embedder`):
   ``resemblyzer`` pip package, so a user without the original file has a
   working d-vector offline. Only its weights file is read (safely); its
   Python module is not imported (it needs setuptools' pkg_resources through
-  webrtcvad, and this project trims silence itself).
+  webrtcvad, and this project trims silence itself). A file in resemblyzer's
+  own format (``{step, model_state}``, what embedder_trainer.py writes for this
+  architecture) loads the same way, sized from its weights.
 
-Both give a 256-dim d-vector per reference waveform.
+Both give a d-vector per reference waveform (256-dim for the published weights).
 """
 import hashlib
 import importlib.util
@@ -55,6 +57,14 @@ class SpeechEmbedder(nn.Module):
         x = self.proj(x[:, -1, :])  # last frame only
         return x / torch.norm(x, p=2, dim=1, keepdim=True)
 
+    def embed_frames(self, mels):
+        """Equal-length mels [B, num_mels, T] -> d-vectors [B, emb_dim], each the mean of its windows'
+        unit vectors as in :meth:`forward` (the batched form embedder_trainer.py trains through)."""
+        e = self.hp.embedder
+        windows = mels.unfold(2, e.window, e.stride).permute(0, 2, 3, 1)  # [B, W, window, num_mels]
+        b, w = windows.shape[:2]
+        return self._window_embeddings(windows.reshape(b * w, e.window, -1)).reshape(b, w, -1).mean(1)
+
     def forward(self, mel):
         """mel [num_mels, T] -> d-vector [emb_dim]: mean of per-window unit vectors."""
         e = self.hp.embedder
@@ -73,7 +83,11 @@ class SpeechEmbedder(nn.Module):
 
 
 class ResemblyzerEncoder(nn.Module):
-    """The GE2E encoder of the resemblyzer package (3-layer LSTM 40->256, linear 256->256)."""
+    """The GE2E encoder of the resemblyzer package (3-layer LSTM 40->256, linear 256->256).
+
+    The sizes are arguments so that embedder_trainer.py can train smaller ones; the defaults
+    are the package's, whose weights this shape loads.
+    """
 
     SAMPLE_RATE = 16000
     HOP = 160                # 10 ms
@@ -83,11 +97,13 @@ class ResemblyzerEncoder(nn.Module):
     MIN_COVERAGE = 0.75
     TARGET_DBFS = -30.0
 
-    def __init__(self):
+    NUM_MELS = 40
+
+    def __init__(self, hidden=256, layers=3, emb_dim=256):
         super().__init__()
-        self.lstm = nn.LSTM(40, 256, 3, batch_first=True)
-        self.linear = nn.Linear(256, 256)
-        self._mel_basis = torch.from_numpy(mel_basis(self.SAMPLE_RATE, self.N_FFT, 40).copy())
+        self.lstm = nn.LSTM(self.NUM_MELS, hidden, layers, batch_first=True)
+        self.linear = nn.Linear(hidden, emb_dim)
+        self._mel_basis = torch.from_numpy(mel_basis(self.SAMPLE_RATE, self.N_FFT, self.NUM_MELS).copy())
 
     def forward(self, mels):
         """mels [P, frames, 40] -> unit embeddings [P, 256]."""
@@ -107,17 +123,24 @@ class ResemblyzerEncoder(nn.Module):
         return starts
 
     def mel_frames(self, wav):
-        """wav [N] tensor -> power mel frames [T, 40], as resemblyzer's ``wav_to_mel_spectrogram``."""
+        """wav [N] (or [B, N]) tensor -> power mel frames [T, 40] (or [B, T, 40]), as resemblyzer's
+        ``wav_to_mel_spectrogram``."""
         D = torch.stft(wav, n_fft=self.N_FFT, hop_length=self.HOP, window=torch.hann_window(self.N_FFT,
                        device=wav.device), center=True, pad_mode="constant", return_complex=True)
-        return (self._mel_basis.to(wav.device) @ (D.real ** 2 + D.imag ** 2)).T
+        return (self._mel_basis.to(wav.device) @ (D.real ** 2 + D.imag ** 2)).transpose(-1, -2)
+
+    @classmethod
+    def normalize_volume(cls, wav):
+        """wav [N] -> wav [N] raised to TARGET_DBFS when quieter, as resemblyzer's preprocessing."""
+        rms = torch.sqrt(torch.mean(wav ** 2))
+        gain_db = cls.TARGET_DBFS - 20 * torch.log10(torch.clamp(rms, min=1e-10))
+        if gain_db > 0:  # resemblyzer only raises quiet recordings
+            wav = wav * 10 ** (gain_db / 20)
+        return wav
 
     def partial_mels(self, wav):
         """wav [N] -> [P, PARTIAL_FRAMES, 40], volume-normalized and zero-padded like resemblyzer."""
-        rms = torch.sqrt(torch.mean(wav ** 2))
-        gain_db = self.TARGET_DBFS - 20 * torch.log10(torch.clamp(rms, min=1e-10))
-        if gain_db > 0:  # resemblyzer only raises quiet recordings
-            wav = wav * 10 ** (gain_db / 20)
+        wav = self.normalize_volume(wav)
         starts = self.partial_slices(wav.numel())
         needed = (starts[-1] + self.PARTIAL_FRAMES) * self.HOP
         if needed >= wav.numel():
@@ -140,7 +163,7 @@ class DvecEmbedder:
 
     @property
     def emb_dim(self):
-        return 256 if self.kind == RESEMBLYZER else self.net.hp.embedder.emb_dim
+        return self.net.linear.out_features if self.kind == RESEMBLYZER else self.net.hp.embedder.emb_dim
 
     @torch.inference_mode()
     def embed(self, wav):
@@ -210,8 +233,34 @@ def _check_state(state, net, path):
                             f"section expects {tuple(value.shape)} (check embedder.lstm_hidden/emb_dim)")
 
 
+def resemblyzer_from_state(model_state, path):
+    """A :class:`ResemblyzerEncoder` sized from, and loaded with, a resemblyzer-format ``model_state``
+    (``lstm.*``, ``linear.*``; the GE2E loss's ``similarity_*`` are not part of the encoder)."""
+    state = {k: v for k, v in model_state.items() if not k.startswith("similarity")}
+    try:
+        hidden, layers = state["lstm.weight_hh_l0"].shape[1], sum(k.startswith("lstm.weight_hh_l") for k in state)
+        net = ResemblyzerEncoder(hidden=hidden, layers=layers, emb_dim=state["linear.weight"].shape[0])
+        net.load_state_dict(state)
+    except (KeyError, RuntimeError, AttributeError, IndexError) as err:
+        raise UserError(f"{path} holds a 'model_state' but not a resemblyzer encoder's "
+                        f"(lstm.*, linear.*): {str(err).splitlines()[0]}") from None
+    return net
+
+
+def resemblyzer_format(net, step, similarity=None):
+    """The file resemblyzer's own ``VoiceEncoder(weights_fpath=...)`` reads: ``{step, model_state}``,
+    the GE2E ``similarity_weight``/``similarity_bias`` included when given (its pretrained file has them)."""
+    model_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+    if similarity is not None:
+        model_state = {"similarity_weight": similarity[0].detach().cpu().reshape(1).clone(),
+                       "similarity_bias": similarity[1].detach().cpu().reshape(1).clone(), **model_state}
+    return {"step": int(step), "model_state": model_state}
+
+
 def load_embedder(spec, hp, device="cpu"):
-    """``spec`` is a path to an original-format embedder.pt or the word ``resemblyzer``."""
+    """``spec`` is the word ``resemblyzer`` or a path to an embedder file: the original's bare
+    state_dict (``lstm.*``, ``proj.linear_layer.*``) or resemblyzer's ``{step, model_state}``
+    (what embedder_trainer.py writes for its resemblyzer-shaped encoder)."""
     device = torch.device(device)
     audio = Audio(hp)
     if str(spec).lower() == RESEMBLYZER:
@@ -227,6 +276,12 @@ def load_embedder(spec, hp, device="cpu"):
     if not path.is_file():
         raise UserError(f"embedder file not found: {path} (or use -e resemblyzer)")
     state = _load_state(path, "embedder")
+    if isinstance(state, dict) and isinstance(state.get("model_state"), dict):
+        net = resemblyzer_from_state(state["model_state"], path)
+        if net.linear.out_features != hp.embedder.emb_dim:
+            raise UserError(f"{path} gives {net.linear.out_features}-dim d-vectors but embedder.emb_dim is "
+                            f"{hp.embedder.emb_dim}")
+        return DvecEmbedder(RESEMBLYZER, net, audio, device, f"resemblyzer-format-{_file_digest(path)}")
     net = SpeechEmbedder(hp)
     _check_state(state, net, path)
     net.load_state_dict(state)

@@ -1,0 +1,1 @@
+"""Speaker-embedder training (GE2E) and verification scoring (EER)."""
