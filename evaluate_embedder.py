@@ -55,7 +55,7 @@ def build_parser():
 def folder_speakers(folder, pattern, limit):
     from pathlib import Path
 
-    from datasets.generation import find_speakers
+    from datasets.speakers import find_speakers
 
     if not Path(folder).is_dir():
         raise UserError(f"-d folder not found: {folder}")

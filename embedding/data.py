@@ -19,7 +19,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from datasets.generation import VOXCELEB_TEST_SPEAKERS, read_speaker_list
+from datasets.speakers import VOXCELEB_TEST_SPEAKERS, read_speaker_list
 from model.embedder import ResemblyzerEncoder
 from utils.audio import load_wav
 from utils.errors import UserError

@@ -91,7 +91,7 @@ def test_folder_trials_all_pairs_and_seeded_sample():
 # ---- the command -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def speakers_dir(tmp_path_factory):
-    from utils.demo_corpus import make_corpus
+    from prepare.demo_corpus import make_corpus
 
     root = tmp_path_factory.mktemp("eer")
     make_corpus(root, {"dev-clean": (3, 3)}, duration=(1.5, 2.0), jobs=1, progress=False)

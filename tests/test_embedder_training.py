@@ -37,7 +37,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from utils.demo_corpus import make_corpus
+    from prepare.demo_corpus import make_corpus
 
     root = tmp_path_factory.mktemp("ge2e-corpus")
     make_corpus(root, {"train-clean-100": (8, 4), "dev-clean": (4, 4)}, duration=(1.5, 2.0), jobs=1, progress=False)
@@ -47,7 +47,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def long_corpus(tmp_path_factory):
     """Utterances long enough for the mixture generator (4-6 s)."""
-    from utils.demo_corpus import make_corpus
+    from prepare.demo_corpus import make_corpus
 
     root = tmp_path_factory.mktemp("long-corpus")
     make_corpus(root, {"train-clean-100": (3, 3), "dev-clean": (3, 3)}, jobs=1, progress=False)

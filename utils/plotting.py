@@ -102,3 +102,21 @@ def save_before_after(path, pairs, xlabel="SDR of the mixture (dB)", ylabel="SDR
     if title:
         fig.suptitle(title)
     return _save_figure(fig, path)
+
+
+def save_histogram(path, series, xlabel="SDR (dB)", bins=30, title=None):
+    """Save overlaid histograms of ``{label: values}`` (NaNs dropped)."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    clean = {k: np.asarray(v, dtype=float)[np.isfinite(np.asarray(v, dtype=float))] for k, v in series.items()}
+    nonempty = [v for v in clean.values() if v.size]
+    edges = np.histogram_bin_edges(np.concatenate(nonempty), bins=bins) if nonempty else bins
+    for label, values in clean.items():
+        if values.size:
+            ax.hist(values, bins=edges, alpha=0.5, label=f"{label} (median {np.median(values):.2f})")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("samples")
+    if title:
+        ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return _save_figure(fig, path)
