@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from utils.audio import Audio, mel_basis
+from utils.checkpoint import state_dict_mismatch
 from utils.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -221,16 +222,14 @@ def _check_state(state, net, path):
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} is not an embedder state_dict (expected a dict of tensors "
                         f"with keys lstm.* and proj.linear_layer.*)")
-    expected = net.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
+    mismatch = state_dict_mismatch(net, state)
+    if mismatch and mismatch[0] == "keys":
         raise UserError(f"{path} does not hold the original embedder's keys "
-                        f"(missing: {missing[:3]}, unexpected: {unexpected[:3]})")
-    for key, value in expected.items():
-        if state[key].shape != value.shape:
-            raise UserError(f"{path}: {key} has shape {tuple(state[key].shape)} but the config's embedder "
-                            f"section expects {tuple(value.shape)} (check embedder.lstm_hidden/emb_dim)")
+                        f"(missing: {mismatch[1]}, unexpected: {mismatch[2]})")
+    if mismatch:
+        _, key, in_file, in_model = mismatch
+        raise UserError(f"{path}: {key} has shape {in_file} but the config's embedder "
+                        f"section expects {in_model} (check embedder.lstm_hidden/emb_dim)")
 
 
 def resemblyzer_from_state(model_state, path):

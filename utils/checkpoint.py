@@ -69,19 +69,30 @@ def load_checkpoint(path, map_location="cpu"):
     return state
 
 
-def load_model_weights(model, state_dict, path):
-    """``model.load_state_dict`` with a clear error when the checkpoint does not fit the config."""
-    expected = model.state_dict()
+def state_dict_mismatch(module, state_dict):
+    """Why ``state_dict`` does not fit ``module``: ``("keys", missing, unexpected)``,
+    ``("shape", key, shape in the file, shape in the module)``, or None when it fits."""
+    expected = module.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
-        raise UserError(f"checkpoint {path} does not fit this model (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]})")
+        return "keys", missing[:3], unexpected[:3]
     for key, value in expected.items():
         if state_dict[key].shape != value.shape:
-            raise UserError(f"checkpoint {path} does not fit the config: {key} is "
-                            f"{tuple(state_dict[key].shape)} in the file but {tuple(value.shape)} in the "
-                            f"model (was it trained with another config? pass the same -c)")
+            return "shape", key, tuple(state_dict[key].shape), tuple(value.shape)
+    return None
+
+
+def load_model_weights(model, state_dict, path):
+    """``model.load_state_dict`` with a clear error when the checkpoint does not fit the config."""
+    mismatch = state_dict_mismatch(model, state_dict)
+    if mismatch and mismatch[0] == "keys":
+        raise UserError(f"checkpoint {path} does not fit this model (missing {mismatch[1]}, "
+                        f"unexpected {mismatch[2]})")
+    if mismatch:
+        _, key, in_file, in_model = mismatch
+        raise UserError(f"checkpoint {path} does not fit the config: {key} is {in_file} in the file but "
+                        f"{in_model} in the model (was it trained with another config? pass the same -c)")
     model.load_state_dict(state_dict)
 
 
