@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from utils.errors import UserError
-from utils.hparams import Dotdict, HParam, flatten
+from utils.hparams import Dotdict, HParam, flatten, read_config_text
 
 GE2E_DEFAULTS = Path(__file__).resolve().parent.parent / "config" / "ge2e-defaults.yaml"
 SECTION = "ge2e"
@@ -57,13 +57,7 @@ def load_ge2e_config(path=None, text=None):
     """An :class:`HParam` with the default sections and ``hp.ge2e``, from a file or (``text``) a
     checkpoint's ``hp_str``; ``hp.hp_str`` holds all of it."""
     if text is None:
-        path = Path(path)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeDecodeError) as err:
-            raise UserError(f"cannot read config {path}: {err}") from None
+        text = read_config_text(path)
     source = str(path) if path is not None else "the checkpoint's config"
     sections = _documents(text, source)
     ge2e = _merge_section(sections.pop(SECTION, {}), source)

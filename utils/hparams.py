@@ -155,6 +155,17 @@ def load_hparams_string(text, source="config"):
     return merged
 
 
+def read_config_text(path):
+    """The text of a config file; a missing or unreadable one is a :class:`UserError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read config {path}: {err}") from None
+
+
 class HParam(Dotdict):
     """Hyper-parameters of a run, read from ``path`` merged over the defaults.
 
@@ -164,15 +175,8 @@ class HParam(Dotdict):
 
     def __init__(self, path=None, text=None):
         if text is None:
-            if path is None:
-                path = DEFAULT_CONFIG
-            path = Path(path)
-            if not path.is_file():
-                raise UserError(f"config file not found: {path}")
-            try:
-                text = path.read_text()
-            except (OSError, UnicodeDecodeError) as err:
-                raise UserError(f"cannot read config {path}: {err}") from None
+            path = Path(path if path is not None else DEFAULT_CONFIG)
+            text = read_config_text(path)
             source = str(path)
         else:
             source = "config text"
