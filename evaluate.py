@@ -13,6 +13,7 @@ scoring is the trainer's validation's (utils/scoring.py).
 import argparse
 import logging
 import os
+import sys
 
 from utils.atomic import remove_stale_temporaries
 from utils.cli import (
@@ -103,6 +104,12 @@ def main(argv=None):
     print(format_table(report["modes"], report["org_scored_against"]))
     print(f"{report['counts']['samples']} samples of {test_dir} in {report['seconds']} s; "
           f"report: {os.path.join(args.out_dir, 'report.json')}")
+    for sample, why in report["failed_samples"].items():
+        print(f"failed: sample {sample}: {why}", file=sys.stderr)
+    if report["failed_samples"]:
+        print(f"error: {len(report['failed_samples'])} sample(s) could not be scored; the report covers the "
+              f"other {report['counts']['samples']}", file=sys.stderr)
+        return 1
     return 0
 
 

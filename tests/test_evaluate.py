@@ -338,3 +338,28 @@ def test_samples_shorter_than_the_embedders_window_are_scored_without_similarity
     assert len(rows) == 2
     assert all(np.isfinite(float(r["sdr_after"])) for r in rows)
     assert all(r["similarity_before"] in ("", "nan") for r in rows), rows
+
+
+def test_an_unreadable_sample_is_named_and_the_others_are_scored(setup, tmp_path, capsys):
+    import shutil
+
+    import evaluate
+
+    split = tmp_path / "some-bad"
+    shutil.copytree(setup["split"], split)
+    (split / "000001-mixed.wav").write_bytes(b"not a wav file at all")
+    out = tmp_path / "o"
+    code, _, err = run_main(evaluate.main, eval_args(setup, out) + ["-d", split, "--mask", "org"], capsys)
+    assert code == 1, err
+    assert "failed: sample 000001:" in err and "000001-mixed.wav" in err
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+    report = json.loads((out / "report.json").read_text())
+    assert report["counts"]["samples"] == 2 and list(report["failed_samples"]) == ["000001"]
+    with open(out / "per_sample.csv", newline="") as f:
+        assert [r["sample_id"] for r in csv.DictReader(f)] == ["000000", "000002"]
+    # nothing readable at all: one line, exit 2, no report
+    for name in ("000000", "000002"):
+        (split / f"{name}-mixed.wav").write_bytes(b"garbage")
+    code, _, err = run_main(evaluate.main, eval_args(setup, tmp_path / "o2") + ["-d", split, "--mask", "org"], capsys)
+    assert code == 2 and "none of the 3 samples" in err
+    assert not (tmp_path / "o2" / "report.json").exists()

@@ -233,11 +233,17 @@ def evaluate(separator, split_dir, modes, factor, limit=0, reversed_flag=None, j
     ref_dvecs = torch.stack([dvec_of[reference_key(s)] for s in samples]).float()  # [S, E] on CPU
 
     clean = {}  # index -> (mixed, target) until its outputs come back
+    failed = {}  # sample id -> why it could not be scored (unreadable, silent, lengths differ)
 
     def items():
         for i, s in enumerate(samples):
-            mixed, target = load_wav(s.mixed_wav, rate), load_wav(s.target_wav, rate)
-            check_lengths(mixed, target, s.mixed_wav, s.target_wav)
+            try:
+                mixed, target = load_wav(s.mixed_wav, rate), load_wav(s.target_wav, rate)
+                check_lengths(mixed, target, s.mixed_wav, s.target_wav)
+            except UserError as err:  # one bad sample must not cost the scores of all the others
+                failed[s.sample_id] = str(err)
+                logger.warning("sample %s skipped: %s", s.sample_id, err)
+                continue
             clean[i] = (mixed, target)
             yield i, mixed, ref_dvecs[i]
 
@@ -260,13 +266,17 @@ def evaluate(separator, split_dir, modes, factor, limit=0, reversed_flag=None, j
     except BaseException:
         scorer.terminate()
         raise
+    if len(failed) == len(samples):
+        first = next(iter(failed.items()))
+        raise UserError(f"none of the {len(samples)} samples of {split_dir} could be scored (sample {first[0]}: "
+                        f"{first[1]})")
     rows = []
     for i, scores in sorted(scored, key=lambda item: item[0]):
         for mode in modes:
             sim_before, sim_after = similarities[i][mode]
             rows.append({"sample_id": samples[i].sample_id, "mode": mode, "reference": reference_kind(mode, org_kind),
                          **scores[mode], "similarity_before": sim_before, "similarity_after": sim_after})
-    info = {"samples_found": found, "samples": len(samples), "targets": targets,
+    info = {"samples_found": found, "samples": len(samples) - len(failed), "failed": failed, "targets": targets,
             "references": {kind: describe_reference(kind, targets.folder_reversed) for kind in (TARGET, RESIDUAL)}}
     return rows, info
 
@@ -390,7 +400,7 @@ def run_evaluation(separator, split_dir, out_dir, modes, factor, limit=0, revers
               "org_scored_against": targets.as_dict(),
               "counts": {"samples_found": info["samples_found"], "samples": info["samples"],
                          "modes": len(modes), "rows": len(rows)},
-              "references": info["references"], "modes": summary,
+              "references": info["references"], "modes": summary, "failed_samples": info["failed"],
               "seconds": round(time.time() - start, 1)}
     write_csv(out_dir / "per_sample.csv", rows)
     write_scatter(out_dir, rows, summary)
