@@ -2,18 +2,18 @@
 resume, Ctrl-C, the embedder file it writes (read by -e everywhere), and its errors."""
 import os
 import signal
-import struct
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
 from conftest import ROOT
+from test_inference import one_torch_thread  # noqa: F401  (autouse: one thread here too)
+from test_trainer import read_events as read_scalars
 
 from embedder_trainer import main as trainer_main
 from embedding.config import load_ge2e_config
@@ -25,14 +25,6 @@ from utils.errors import UserError
 from utils.hparams import HParam
 
 SCRIPT_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -79,42 +71,6 @@ def voicefilter_config(ge2e_config):
 def train(root, name, config, *extra, corpus_dir):
     return trainer_main(["-c", str(config), "-m", name, "-b", str(root), "--libri_dir", str(corpus_dir),
                          "--device", "cpu", *map(str, extra)])
-
-
-def read_scalars(logdir):
-    """``{tag: [(step, value)]}`` of the scalar summaries in a TensorBoard log folder."""
-    from tensorboardX.proto import event_pb2
-    tags = {}
-    for path in sorted(Path(logdir).glob("events.out.tfevents.*")):
-        data, pos = path.read_bytes(), 0
-        while pos < len(data):
-            (length,) = struct.unpack("<Q", data[pos:pos + 8])
-            event = event_pb2.Event()
-            event.ParseFromString(data[pos + 12:pos + 12 + length])
-            pos += 12 + length + 4
-            for value in event.summary.value:
-                if value.WhichOneof("value") == "simple_value":
-                    tags.setdefault(value.tag, []).append((event.step, value.simple_value))
-    return tags
-
-
-# ---- the loss ---------------------------------------------------------------------------------------
-def test_ge2e_loss_follows_the_paper_definition():
-    torch.manual_seed(0)
-    emb = torch.randn(3, 4, 5)
-    loss_fn = GE2ELoss(init_w=7.0, init_b=-2.0)
-    total = 0.0
-    for j in range(3):
-        for i in range(4):
-            e = emb[j, i]
-            sims = []
-            for k in range(3):
-                others = [emb[k, m] for m in range(4) if not (k == j and m == i)]  # eq. 8: own centroid without e
-                c = torch.stack(others).mean(0)
-                sims.append(7.0 * torch.cosine_similarity(e, c, dim=0) - 2.0)
-            sims = torch.stack(sims)
-            total += -sims[j] + torch.logsumexp(sims, 0)
-    torch.testing.assert_close(loss_fn(emb), total / 12)
 
 
 def test_w_and_b_gradients_are_scaled():
