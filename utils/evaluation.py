@@ -234,24 +234,13 @@ def evaluate(separator, split_dir, modes, factor, limit=0, reversed_flag=None, j
 
     clean = {}  # index -> (mixed, target) until its outputs come back
     failed = {}  # sample id -> why it could not be scored (unreadable, silent, lengths differ)
-
-    def items():
-        for i, s in enumerate(samples):
-            try:
-                mixed, target = load_wav(s.mixed_wav, rate), load_wav(s.target_wav, rate)
-                check_lengths(mixed, target, s.mixed_wav, s.target_wav)
-            except UserError as err:  # one bad sample must not cost the scores of all the others
-                failed[s.sample_id] = str(err)
-                logger.warning("sample %s skipped: %s", s.sample_id, err)
-                continue
-            clean[i] = (mixed, target)
-            yield i, mixed, ref_dvecs[i]
+    items = _readable_samples(samples, rate, ref_dvecs, clean, failed)
 
     scorer = _Scorer(jobs)
     similarities = {}
     try:
         buffer = []
-        stream = separator.separate_stream(items(), modes, factor)
+        stream = separator.separate_stream(items, modes, factor)
         with tqdm(total=len(samples), desc="evaluating", unit="sample", disable=None if progress else True) as bar:
             for i, result in stream:
                 buffer.append((i, result))
@@ -270,15 +259,29 @@ def evaluate(separator, split_dir, modes, factor, limit=0, reversed_flag=None, j
         first = next(iter(failed.items()))
         raise UserError(f"none of the {len(samples)} samples of {split_dir} could be scored (sample {first[0]}: "
                         f"{first[1]})")
-    rows = []
-    for i, scores in sorted(scored, key=lambda item: item[0]):
-        for mode in modes:
-            sim_before, sim_after = similarities[i][mode]
-            rows.append({"sample_id": samples[i].sample_id, "mode": mode, "reference": reference_kind(mode, org_kind),
-                         **scores[mode], "similarity_before": sim_before, "similarity_after": sim_after})
+    rows = [{"sample_id": samples[i].sample_id, "mode": mode, "reference": reference_kind(mode, org_kind),
+             **scores[mode], "similarity_before": similarities[i][mode][0],
+             "similarity_after": similarities[i][mode][1]}
+            for i, scores in sorted(scored, key=lambda item: item[0]) for mode in modes]
     info = {"samples_found": found, "samples": len(samples) - len(failed), "failed": failed, "targets": targets,
             "references": {kind: describe_reference(kind, targets.folder_reversed) for kind in (TARGET, RESIDUAL)}}
     return rows, info
+
+
+def _readable_samples(samples, rate, ref_dvecs, clean, failed):
+    """Yield ``(index, mixed wav, reference d-vector)`` of each sample whose wavs can be read, keeping
+    ``(mixed, target)`` in ``clean``; a sample that cannot be read (corrupt, silent, lengths differ) goes
+    to ``failed`` with the reason: one bad sample must not cost the scores of all the others."""
+    for i, s in enumerate(samples):
+        try:
+            mixed, target = load_wav(s.mixed_wav, rate), load_wav(s.target_wav, rate)
+            check_lengths(mixed, target, s.mixed_wav, s.target_wav)
+        except UserError as err:
+            failed[s.sample_id] = str(err)
+            logger.warning("sample %s skipped: %s", s.sample_id, err)
+            continue
+        clean[i] = (mixed, target)
+        yield i, mixed, ref_dvecs[i]
 
 
 def _embed_or_nan(embedder, waves):
