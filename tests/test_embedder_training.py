@@ -73,6 +73,25 @@ def train(root, name, config, *extra, corpus_dir):
                          "--device", "cpu", *map(str, extra)])
 
 
+# ---- the loss ---------------------------------------------------------------------------------------
+def test_ge2e_loss_follows_the_paper_definition():
+    torch.manual_seed(0)
+    emb = torch.randn(3, 4, 5)
+    loss_fn = GE2ELoss(init_w=7.0, init_b=-2.0)
+    total = 0.0
+    for j in range(3):
+        for i in range(4):
+            e = emb[j, i]
+            sims = []
+            for k in range(3):
+                others = [emb[k, m] for m in range(4) if not (k == j and m == i)]  # eq. 8: own centroid without e
+                c = torch.stack(others).mean(0)
+                sims.append(7.0 * torch.cosine_similarity(e, c, dim=0) - 2.0)
+            sims = torch.stack(sims)
+            total += -sims[j] + torch.logsumexp(sims, 0)
+    torch.testing.assert_close(loss_fn(emb), total / 12)
+
+
 def test_w_and_b_gradients_are_scaled():
     loss_fn = GE2ELoss()
     loss_fn(torch.randn(3, 2, 4)).backward()
