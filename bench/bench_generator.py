@@ -104,13 +104,13 @@ def main():
     if started is None:
         return
     device, names, info = started
-    with tempfile.TemporaryDirectory(prefix="bench_corpus_") as workdir:
+    def prepare(workdir):
         corpus = prepare_corpus(args, workdir)
-        Path(workdir, "corpus.json").write_text(json.dumps(corpus))
         print(f"generator benchmark: {args.config}, {args.train_size} + {args.test_size} samples from "
               f"{corpus['kind']}, timeout {args.timeout:g} s per variant", file=sys.stderr)
-        results = common.run_variants(__file__, names, [*common.child_argv(), "--workdir", workdir],
-                                      args.timeout)
+        return corpus
+
+    corpus, results = common.run_in_workdir(__file__, names, args.timeout, "bench_corpus_", "corpus.json", prepare)
     columns = [("wall s", "seconds"), ("samples/s (whole command)", "samples_per_s"),
                ("train samples/s (logged)", "train_rate"), ("peak PSS MB (all processes)", "tree_pss_mb"),
                ("largest one-process RSS MB", "max_process_rss_mb"), ("disk MB", "disk_mb"),

@@ -266,16 +266,18 @@ def main():
     if started is None:
         return
     device, names, info = started
-    with tempfile.TemporaryDirectory(prefix="bench_inference_") as workdir:
+    startup = startup_cost(args)
+    peaks = common.run_variants(__file__, [roofline.PEAKS], common.child_argv(), args.timeout)[roofline.PEAKS]
+    peaks = None if "error" in peaks else peaks
+
+    def prepare_files(workdir):
         files = prepare(args, workdir)
-        Path(workdir, "files.json").write_text(json.dumps(files))
         print(f"inference benchmark: {args.config}, mixtures of {', '.join(files['mixtures'])} s "
               f"({files['source']}), timeout {args.timeout:g} s per variant", file=sys.stderr)
-        startup = startup_cost(args)
-        argv = [*common.child_argv(), "--workdir", workdir]
-        peaks = common.run_variants(__file__, [roofline.PEAKS], argv, args.timeout)[roofline.PEAKS]
-        peaks = None if "error" in peaks else peaks
-        results = common.run_variants(__file__, names, argv, args.timeout)
+        return files
+
+    files, results = common.run_in_workdir(__file__, names, args.timeout, "bench_inference_", "files.json",
+                                           prepare_files)
     imports = ", ".join(f"{name} {s:.2f} s" for s, name in startup["top_imports"])
     notes = [f"Start-up: `python -c pass` {startup['python_s']:.2f} s, `python inference.py --help` "
              f"{startup['inference_help_s']:.2f} s (interpreter + imports; median of 3). Slowest packages imported "

@@ -160,15 +160,16 @@ def main():
     if started is None:
         return
     device, names, info = started
-    with tempfile.TemporaryDirectory(prefix="bench_loader_") as workdir:
+    def prepare(workdir):
         corpus = prepare_corpus(args, workdir)
-        Path(workdir, "corpus.json").write_text(json.dumps(corpus))
         print(f"loader benchmark: {args.config}, {args.samples} samples per epoch from {corpus['kind']}; writing "
               f"the precomputed folder", file=sys.stderr, flush=True)
         common.run_tool([sys.executable, "generator.py", "-c", args.config, "-o", Path(workdir) / "pre",
                          *data_flags(corpus), "--train_size", str(args.samples), "--test_size", "0", "-p", "2",
                          "--progress", "False"])
-        results = common.run_variants(__file__, names, [*common.child_argv(), "--workdir", workdir], args.timeout)
+        return corpus
+
+    corpus, results = common.run_in_workdir(__file__, names, args.timeout, "bench_loader_", "corpus.json", prepare)
     columns = [("samples/s, cold epoch", "cold_samples_per_s"), ("samples/s, warm epoch", "warm_samples_per_s"),
                ("first batch s (cold)", "cold_first_batch_s"), ("train s/step", "s_per_step"),
                ("of which waiting for data", "wait_s_per_step"), ("disk kB/sample", "disk_kb_per_sample"),

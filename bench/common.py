@@ -312,6 +312,18 @@ def start(args, run_variant, variants):
     return device, select(args.variants, list(variants)), describe_machine(device)
 
 
+def run_in_workdir(script, names, timeout, prefix, shared_file, prepare):
+    """Parent side, for benchmarks whose variants share prepared files (a corpus, audio): a scratch
+    folder, ``prepare(workdir)`` -> a dict of what the variants need, written there as
+    ``shared_file`` for the children (they get ``--workdir``), then the variants; the folder is
+    removed afterwards. Returns ``(the prepared dict, {name: result})``."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as workdir:
+        shared = prepare(workdir)
+        Path(workdir, shared_file).write_text(json.dumps(shared))
+        results = run_variants(script, names, [*child_argv(), "--workdir", workdir], timeout)
+    return shared, results
+
+
 def child_argv():
     """The parent's own flags, forwarded to each child (``--json`` is ignored there)."""
     return sys.argv[1:]
