@@ -88,14 +88,18 @@ def split_reversed(split_dir, samples=None):
 
 
 def model_reversed(hp_str):
-    """Whether the model was trained on reversed data, from the training folder its checkpoint's
-    config names (data.train_dir): ``(True/False, why)``, or ``(None, why)`` when that cannot be told."""
+    """Whether the model was trained on reversed data: from the checkpoint's config with online
+    mixing (data.reverse_data), else from the training folder it names (data.train_dir):
+    ``(True/False, why)``, or ``(None, why)`` when that cannot be told."""
     if not hp_str:
         return None, "the checkpoint stores no config"
     try:
-        train_dir = HParam.from_string(hp_str).data.train_dir
+        data = HParam.from_string(hp_str).data
     except UserError:
         return None, "the checkpoint's config cannot be read"
+    if data.mixing == "online":  # mixed on the fly: the config itself says which speaker was the target
+        return bool(data.reverse_data), f"its config (data.mixing online, data.reverse_data {data.reverse_data})"
+    train_dir = data.train_dir
     if not train_dir:
         return None, "the checkpoint's config names no data.train_dir"
     if not Path(train_dir).is_dir():

@@ -1,0 +1,224 @@
+"""Separation quality on real voices: train from random weights for a fixed budget, score held-out speakers.
+
+What the original's users ask first is what SDR they will get. This benchmark answers it on the
+real speech of librispeech-mini (../shared/data/librispeech-mini), end to end through this
+project's own code:
+
+* data (bench/quality_data.py): training speakers are train-clean-100's 251, each one long
+  utterance cut into pieces at its pauses; test speakers are test-other's 10 (100 utterances),
+  never seen in training, mixed by the official-triplet path (``generator.py --tuples``: whole
+  utterances, gain 1) from a triplet list drawn with ``--test_seed``, so the figure means what
+  the paper's 2.5 -> 12.6 dB means;
+* training: ``trainer.py`` from random weights with on-the-fly mixing (``data.mixing online``),
+  ``--size tiny`` (config/tiny.yaml) or ``default`` (config/default.yaml), for ``--steps`` or
+  ``--minutes``, a checkpoint every ``--eval_every`` steps; ``--seeds`` runs one model per seed;
+* scoring: every checkpoint by evaluate.py's code (utils.evaluation) on the test folder: SDR and
+  SI-SDR gains and the d-vector similarity, per mask mode, each scored against what the mode
+  keeps. Both tasks of the project: keeping the reference speaker (``org``) and removing it,
+  by the inverse masks of the normal model and (``--reverse``) by ``org`` of a model trained on
+  reversed data (``data.reverse_data``).
+
+The curve (the checkpoints on the first ``--curve_samples`` test mixtures) and the final table
+(the last checkpoint on all of them) are printed, written to OUT/quality.json (and ``--json``)
+and drawn in OUT/quality_curve.png. A run folder that finished is reused: a second invocation
+with the same settings only scores (delete OUT/runs/NAME to train again).
+
+    .venv/bin/python bench/bench_quality.py --quick                 # < 2 min: a check that it works
+    .venv/bin/python bench/bench_quality.py --size tiny --minutes 30 --seeds 1 2 --reverse
+    .venv/bin/python bench/bench_quality.py --size default --device cuda --precision bf16 --minutes 5
+"""
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402  (after the path tweak: run as ``python bench/bench_quality.py``)
+import quality_data  # noqa: E402
+import quality_report  # noqa: E402
+import yaml  # noqa: E402
+
+from utils.atomic import write_text  # noqa: E402
+
+ROOT = common.ROOT
+EMBEDDER = "resemblyzer"
+MODES = ("org", "inv_sub", "inv_div")
+SIZES = {"tiny": "config/tiny.yaml", "default": "config/default.yaml"}
+# Recipes compared by --recipe: config changes on top of the size's config (docs/recipes.md)
+RECIPES = {
+    "original": {},
+    "power-law": {"train": {"loss": "power_law"}},
+    "warmup-cosine": {"train": {"lr_schedule": "warmup_cosine", "warmup_steps": 200}},
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", choices=sorted(SIZES), default="tiny", help="network and spectrogram size")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, default=None, help="training steps per model")
+    budget.add_argument("--minutes", type=float, default=None,
+                        help="training wall minutes per model (stopped by SIGTERM, which checkpoints)")
+    p.add_argument("--eval_every", type=int, default=None, help="steps between checkpoints on the curve")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1], help="one model per seed (train.seed, mixing_seed)")
+    p.add_argument("--reverse", action="store_true",
+                   help="also train on reversed data (the removal task): --tasks normal reverse")
+    p.add_argument("--tasks", nargs="+", choices=["normal", "reverse"], default=None,
+                   help="which models to train: on normal data, on reversed data (default: normal)")
+    p.add_argument("--recipe", nargs="+", default=["original"], choices=sorted(RECIPES),
+                   help="training recipes to compare (docs/recipes.md)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--threads", type=int, default=0, help="CPU threads of each trainer (default: torch's)")
+    p.add_argument("--batch_size", type=int, default=None, help="training batch (default: the size's config)")
+    p.add_argument("--curve_samples", type=int, default=40, help="test mixtures scored at each curve point")
+    p.add_argument("--test_seed", type=int, default=0, help="seed of the test triplets")
+    p.add_argument("--data", default=str(common.DEFAULT_DATA), help="librispeech-mini root")
+    p.add_argument("-o", "--out", default=str(ROOT / "bench" / "out" / "quality"), help="work and result folder")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    p.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="SDR processes")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny size, 6 steps, 12 test mixtures, one seed: a check that it works (< 2 min)")
+    args = p.parse_args(argv)
+    args.tasks = args.tasks or (["normal", "reverse"] if args.reverse else ["normal"])
+    if args.quick:
+        args.size, args.steps, args.minutes = "tiny", args.steps or 6, None
+        args.eval_every = args.eval_every or 3
+        args.curve_samples = min(args.curve_samples, 12)
+    if args.steps is None and args.minutes is None:
+        args.steps = 3000 if args.size == "tiny" else 2000
+    if args.eval_every is None:
+        args.eval_every = max(1, (args.steps or 1000) // 6)
+    for name in ("steps", "eval_every", "curve_samples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name} must be at least 1, got {value}")
+    if args.minutes is not None and args.minutes <= 0:
+        p.error(f"--minutes must be positive, got {args.minutes}")
+    return args
+
+
+def _merge(base, changes):
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def run_config(args, libri_root, test_dir, seed, reverse, recipe):
+    """The trainer's config (multi-document yaml) of one model."""
+    sections = {}
+    for doc in yaml.safe_load_all((ROOT / SIZES[args.size]).read_text()):
+        _merge(sections, doc or {})
+    _merge(sections, {
+        "data": {"mixing": "online", "libri_dir": str(libri_root), "test_dir": str(test_dir),
+                 "train_subsets": [quality_data.TRAIN_SUBSET], "test_subsets": [quality_data.TEST_SUBSET],
+                 "input_glob": "*.wav", "mixing_seed": seed, "reverse_data": bool(reverse),
+                 "epoch_samples": 4000},  # ~600 pieces: larger epochs run out of new triplets,
+        "train": {"seed": seed, "precision": args.precision, "num_workers": 0,
+                  "checkpoint_interval": args.eval_every, "summary_interval": max(1, args.eval_every // 10),
+                  # the trainer's own validation only picks best.pt: a few mixtures keep it cheap
+                  "validation_samples": min(8, args.curve_samples),
+                  "max_steps": args.steps or 10 ** 7},
+    })
+    if args.batch_size:
+        sections["train"]["batch_size"] = args.batch_size
+    _merge(sections, RECIPES[recipe])
+    return "\n---\n".join(yaml.safe_dump({k: v}, sort_keys=False) for k, v in sections.items())
+
+
+def run_name(args, seed, reverse, recipe):
+    return f"{args.size}-{recipe}-{'reverse' if reverse else 'normal'}-seed{seed}"
+
+
+def train(args, run_dir, config_text, device):
+    """Train one model in ``run_dir`` (unless it finished before with the same config); returns the
+    run's record: start and end times, exit code, steps."""
+    record_path = run_dir / "run.json"
+    if record_path.is_file():
+        record = json.loads(record_path.read_text())
+        if record.get("config") == config_text and record.get("budget") == [args.steps, args.minutes]:
+            print(f"{run_dir.name}: trained before ({record['steps']} steps), scoring only", flush=True)
+            return record
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = run_dir / "config.yaml"
+    write_text(config, config_text)
+    cmd = [sys.executable, str(ROOT / "trainer.py"), "-c", str(config), "-e", EMBEDDER, "-m", "model",
+           "-b", str(run_dir), "--device", device, "--overwrite"]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    print(f"{run_dir.name}: training ({f'{args.steps} steps' if args.steps else f'{args.minutes} min'})",
+          flush=True)
+    start = time.time()
+    with open(run_dir / "train.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=args.minutes * 60 if args.minutes else None)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)  # the trainer checkpoints the step it is at, then exits 143
+            proc.wait()
+        except BaseException:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+            raise
+    end = time.time()
+    checkpoints = quality_report.checkpoints(run_dir)
+    if proc.returncode not in (0, 143) or not checkpoints:
+        tail = (run_dir / "train.log").read_text().strip().splitlines()[-3:]
+        sys.exit(f"error: the trainer of {run_dir.name} failed (exit {proc.returncode}): " + " | ".join(tail))
+    record = {"config": config_text, "budget": [args.steps, args.minutes], "start": start, "end": end,
+              "exit": proc.returncode, "steps": max(checkpoints), "threads": args.threads or None}
+    write_text(record_path, json.dumps(record, indent=1))
+    return record
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch_device = common.pick(args.device)
+    device = str(torch_device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    info = common.describe_machine(torch_device)
+    print(common.machine_line(info), flush=True)
+    data = quality_data.prepare(args.data, out / "data", ROOT / SIZES[args.size], args.size, args.test_seed,
+                                jobs=args.jobs)
+    print(quality_data.describe(data), flush=True)
+    runs = []
+    for recipe in args.recipe:
+        for reverse in [task == "reverse" for task in args.tasks]:
+            for seed in args.seeds:
+                name = run_name(args, seed, reverse, recipe)
+                run_dir = out / "runs" / name
+                text = run_config(args, data["libri_root"], data["test_dir"], seed, reverse, recipe)
+                record = train(args, run_dir, text, device)
+                scored = quality_report.score_run(run_dir, record, data["test_dir"], torch_device, args.curve_samples,
+                                                  args.jobs, MODES)
+                runs.append({"name": name, "recipe": recipe, "reverse": reverse, "seed": seed, **scored})
+                print(quality_report.curve_table(runs[-1]), flush=True)
+    result = {"machine": info, "size": args.size, "steps": args.steps, "minutes": args.minutes,
+              "precision": args.precision, "data": {k: v for k, v in data.items() if k != "libri_root"},
+              "test_seed": args.test_seed, "curve_samples": args.curve_samples, "runs": runs}
+    result["data"]["test_dir"] = str(data["test_dir"])
+    table = quality_report.final_table(runs)
+    print(table)
+    png = quality_report.plot_curves(runs, out / "quality_curve.png", title=f"{args.size}, {info['cpu']}"
+                                     if device == "cpu" else f"{args.size}, {info.get('gpu', device)}")
+    print(f"curve: {png}")
+    text = json.dumps(result, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
+    write_text(out / "quality.json", text)
+    if args.json:
+        write_text(Path(args.json), text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
