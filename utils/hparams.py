@@ -126,6 +126,7 @@ def _validate(hp, source):
         ("train", "loss"): ("mse", "power_law"),
         ("train", "precision"): ("fp32", "bf16", "fp16"),
         ("data", "mixing"): ("precomputed", "online"),
+        ("train", "lr_schedule"): ("constant", "warmup_cosine"),
     }
     for (section, key), allowed in choices.items():
         if hp[section][key] not in allowed:
@@ -133,6 +134,8 @@ def _validate(hp, source):
     for key in ("batch_size", "summary_interval", "checkpoint_interval"):
         if hp["train"][key] < 1:
             raise UserError(f"{source}: train.{key} must be at least 1")
+    if hp["train"]["warmup_steps"] < 0 or not 0 <= hp["train"]["lr_final_ratio"] <= 1:
+        raise UserError(f"{source}: train.warmup_steps must not be negative and train.lr_final_ratio must be in [0, 1]")
     if hp["data"]["audio_len"] <= 0:
         raise UserError(f"{source}: data.audio_len must be positive")
     for key in ("train_subsets", "test_subsets"):

@@ -50,6 +50,7 @@ from utils.cli import apply_threads, check_writable_dir
 from utils.distributed import Dist, barrier, is_main_process, setup_distributed, sync_step, wrap
 from utils.errors import TrainingDiverged, UserError
 from utils.precision import autocast, check_precision
+from utils.schedule import apply_schedule
 from utils.training_state import TrainingState, seed_everything
 from utils.validation import Validator
 from utils.writer import MyWriter
@@ -207,6 +208,7 @@ def train_loop(run):
         while True:
             sampler.set_position(state.epoch, state.batch)
             for batch in run.train_loader:
+                apply_schedule(state.optimizer, hp, state.step)
                 loss = train_step(run.model, batch, state.optimizer, state.scaler, run.loss_fn, dist.device,
                                   hp.train.precision)
                 state.advance()
