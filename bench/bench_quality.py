@@ -79,6 +79,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="CPU threads of each trainer (default: torch's)")
     p.add_argument("--batch_size", type=int, default=None, help="training batch (default: the size's config)")
     p.add_argument("--curve_samples", type=int, default=40, help="test mixtures scored at each curve point")
+    p.add_argument("--final_samples", type=int, default=0,
+                   help="test mixtures scored with the last checkpoint (0: all of them)")
     p.add_argument("--test_seed", type=int, default=0, help="seed of the test triplets")
     p.add_argument("--data", default=str(common.DEFAULT_DATA), help="librispeech-mini root")
     p.add_argument("-o", "--out", default=str(ROOT / "bench" / "out" / "quality"), help="work and result folder")
@@ -92,6 +94,7 @@ def parse_args(argv=None):
         args.size, args.steps, args.minutes = "tiny", args.steps or 6, None
         args.eval_every = args.eval_every or 3
         args.curve_samples = min(args.curve_samples, 12)
+        args.final_samples = args.final_samples or args.curve_samples
     if args.steps is None and args.minutes is None:
         args.steps = 3000 if args.size == "tiny" else 2000
     if args.eval_every is None:
@@ -181,8 +184,13 @@ def train(args, run_dir, config_text, device):
     return record
 
 
+def _raise_on_sigterm(signum, frame):
+    raise SystemExit(143)  # so train() stops its trainer (which checkpoints) instead of leaving it running
+
+
 def main(argv=None):
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_on_sigterm)
     torch_device = common.pick(args.device)
     device = str(torch_device)
     out = Path(args.out)
@@ -201,12 +209,13 @@ def main(argv=None):
                 text = run_config(args, data["libri_root"], data["test_dir"], seed, reverse, recipe)
                 record = train(args, run_dir, text, device)
                 scored = quality_report.score_run(run_dir, record, data["test_dir"], torch_device, args.curve_samples,
-                                                  args.jobs, MODES)
+                                                  args.final_samples, args.jobs, MODES)
                 runs.append({"name": name, "recipe": recipe, "reverse": reverse, "seed": seed, **scored})
                 print(quality_report.curve_table(runs[-1]), flush=True)
     result = {"machine": info, "size": args.size, "steps": args.steps, "minutes": args.minutes,
               "precision": args.precision, "data": {k: v for k, v in data.items() if k != "libri_root"},
-              "test_seed": args.test_seed, "curve_samples": args.curve_samples, "runs": runs}
+              "test_seed": args.test_seed, "curve_samples": args.curve_samples,
+              "final_samples": args.final_samples or data["test_samples"], "runs": runs}
     result["data"]["test_dir"] = str(data["test_dir"])
     table = quality_report.final_table(runs)
     print(table)

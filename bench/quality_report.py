@@ -45,10 +45,11 @@ def _load(path, device):
     return load_separator(None, path, "resemblyzer", device, batch_size=8)
 
 
-def score_run(run_dir, record, test_dir, device, curve_samples, jobs, modes):
+def score_run(run_dir, record, test_dir, device, curve_samples, final_samples, jobs, modes):
     """The curve (every checkpoint on the first ``curve_samples`` test mixtures) and the final scores
-    (the last checkpoint on all of them, with evaluate.py's report.json, per_sample.csv and scatter in
-    ``run_dir/final``); each scoring is kept in ``run_dir/scores`` and reused."""
+    (the last checkpoint on the first ``final_samples``, 0: all of them, with evaluate.py's
+    report.json, per_sample.csv and scatter in ``run_dir/final``); each scoring is kept (``run_dir/scores``,
+    ``run_dir/final``) and reused."""
     run_dir = Path(run_dir)
     found = checkpoints(run_dir)
     curve = []
@@ -68,13 +69,15 @@ def score_run(run_dir, record, test_dir, device, curve_samples, jobs, modes):
     last_step, last = max(found.items())
     final_dir = run_dir / "final"
     report_path = final_dir / "report.json"
-    if report_path.is_file() and json.loads(report_path.read_text()).get("checkpoint") == str(last):
+    if report_path.is_file() and json.loads(report_path.read_text()).get("checkpoint") == str(last) and \
+            json.loads(report_path.read_text()).get("limit", 0) == final_samples:
         report = json.loads(report_path.read_text())
     else:
         separator = _load(last, device)
         final_dir.mkdir(parents=True, exist_ok=True)
-        report = run_evaluation(separator, test_dir, final_dir, list(modes), 0.7, jobs=jobs, progress=False,
-                                meta={"checkpoint": str(last), "embedder": "resemblyzer", "device": str(device)})
+        report = run_evaluation(separator, test_dir, final_dir, list(modes), 0.7, limit=final_samples, jobs=jobs,
+                                progress=False, meta={"checkpoint": str(last), "embedder": "resemblyzer",
+                                                      "device": str(device), "limit": final_samples})
     return {"steps": last_step, "train_minutes": round((record["end"] - record["start"]) / 60, 2),
             "curve": curve, "final": {"checkpoint": str(last), "samples": report["counts"]["samples"],
                                       "org_keeps": report["org_scored_against"]["org_keeps"],

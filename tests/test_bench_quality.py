@@ -1,0 +1,124 @@
+"""bench/bench_quality.py: its data (pieces cut at pauses, test triplets) and its figures."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import quality_data  # noqa: E402
+
+from utils.errors import UserError  # noqa: E402
+
+RATE = 16000
+
+
+def speech_like(seconds_on, pause, seed):
+    """Noise bursts of the given lengths separated by ``pause`` seconds of near-silence."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for on in seconds_on:
+        parts += [0.3 * rng.standard_normal(int(on * RATE)), 1e-5 * rng.standard_normal(int(pause * RATE))]
+    return np.concatenate(parts[:-1]).astype(np.float32)
+
+
+def test_cuts_fall_in_the_pauses_and_pieces_are_long_enough():
+    wav = speech_like([2.0, 2.0, 1.0, 3.0, 0.5], pause=0.3, seed=0)
+    pieces = quality_data.cut_at_pauses(wav, RATE, min_piece_s=3.2)
+    assert pieces[0][0] == 0 and pieces[-1][1] == len(wav)
+    assert all(a[1] == b[0] for a, b in zip(pieces[:-1], pieces[1:], strict=True))  # contiguous, no overlap
+    assert all(b - a >= 3.2 * RATE for a, b in pieces)
+    assert len(pieces) == 2
+    cut = pieces[0][1]
+    assert np.abs(wav[cut - 800:cut + 800]).max() < 1e-3  # in the middle of a pause
+    # no pause at all, or too short for two pieces: one piece
+    assert quality_data.cut_at_pauses(speech_like([10.0], 0.3, 1), RATE) == [(0, 10 * RATE)]
+    assert len(quality_data.cut_at_pauses(speech_like([2.0, 2.0], 0.3, 2), RATE)) == 1
+
+
+def fake_mini(root, train_speakers=("11", "12", "13"), test_speakers=("21", "22", "23")):
+    for i, spk in enumerate(train_speakers):
+        path = root / "train-clean-100" / spk / "100" / f"{spk}-100-0000.flac"
+        path.parent.mkdir(parents=True)
+        sf.write(path, speech_like([2.0, 2.5, 2.0, 3.0], 0.3, i), RATE)
+    for i, spk in enumerate(test_speakers):
+        for k in range(3):
+            path = root / "test-other" / spk / "200" / f"{spk}-200-{k:04d}.flac"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sf.write(path, speech_like([1.5], 0.1, 100 + 10 * i + k), RATE)
+    return root
+
+
+def test_training_pieces_are_deterministic_and_hold_no_test_speaker(tmp_path):
+    mini = fake_mini(tmp_path / "mini")
+    one = quality_data.write_training_pieces(mini, tmp_path / "a")
+    two = quality_data.write_training_pieces(mini, tmp_path / "b")
+    assert one == two and one["speakers"] == 3 and one["pieces"] == 6
+    files_a = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.wav"))
+    files_b = sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.wav"))
+    assert files_a == files_b and len(files_a) == 6
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files_a)
+    assert {f.parts[1] for f in files_a} == {"11", "12", "13"}  # train speakers only
+    assert {f.parts[0] for f in files_a} == {"train-clean-100"}
+    # the pieces together are the recording
+    wav = sf.read(mini / "train-clean-100" / "11" / "100" / "11-100-0000.flac", dtype="float32")[0]
+    joined = np.concatenate([sf.read(tmp_path / "a" / f, dtype="float32")[0] for f in files_a if f.parts[1] == "11"])
+    assert np.allclose(joined, wav, atol=1e-4)
+
+
+def test_a_speaker_in_both_subsets_is_refused(tmp_path):
+    mini = fake_mini(tmp_path / "mini", train_speakers=("11", "21"))
+    with pytest.raises(UserError, match="21 are in both train-clean-100 and test-other"):
+        quality_data.write_training_pieces(mini, tmp_path / "out")
+
+
+def test_triplets_follow_the_seed_and_the_rules(tmp_path):
+    mini = fake_mini(tmp_path / "mini")
+    rows = quality_data.draw_triplets(mini, seed=0)
+    assert rows == quality_data.draw_triplets(mini, seed=0)
+    assert rows != quality_data.draw_triplets(mini, seed=1)
+    assert len(rows) == 9 and [r[0] for r in rows] == sorted(r[0] for r in rows)  # each utterance clean once
+    test_ids = {p.stem for p in (mini / "test-other").rglob("*.flac")}
+    for clean, reference, interference in rows:
+        assert {clean, reference, interference} <= test_ids
+        assert clean.split("-")[0] == reference.split("-")[0] and clean != reference
+        assert interference.split("-")[0] != clean.split("-")[0]
+    path = quality_data.write_triplets(rows, tmp_path / "t.csv")
+    from datasets.official import read_triplets
+    assert [(t.clean, t.embedding, t.interference) for t in read_triplets(path)] == rows
+
+
+@pytest.mark.slow
+def test_quick_run_end_to_end_agrees_with_evaluate(libri_mini, tmp_path):
+    out = tmp_path / "quality"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_quality.py"), "--quick", "--data",
+                          str(libri_mini), "-o", str(out), "--json", str(tmp_path / "q.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "cut at pauses" in run.stdout and "never seen in training" in run.stdout
+    result = json.loads((tmp_path / "q.json").read_text())
+    assert (out / "quality_curve.png").stat().st_size > 10_000
+    (entry,) = result["runs"]
+    assert [p["step"] for p in entry["curve"]] == [3, 6] and entry["steps"] == 6
+    final = entry["final"]
+    assert final["samples"] == 12 and final["org_keeps"] == "the reference speaker"
+    # the same checkpoint and folder through evaluate.py give the same figures
+    test_dir = result["data"]["test_dir"]
+    ev = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--checkpoint_path", final["checkpoint"],
+                         "-d", test_dir, "-o", str(tmp_path / "ev"), "--mask", "all",
+                         "--limit", "12"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    report = json.loads((tmp_path / "ev" / "report.json").read_text())
+    for mode, mine in final["modes"].items():
+        for metric in ("sdr_gain", "si_sdr_gain", "similarity_after"):
+            assert mine[metric]["median"] == pytest.approx(report["modes"][mode][metric]["median"], abs=2e-3), \
+                (mode, metric)
+    # the training data held no test speaker
+    train_speakers = {p.name for p in (out / "data" / "libri" / "train-clean-100").iterdir()}
+    test_speakers = {p.name for p in (libri_mini / "test-other").iterdir() if p.is_dir()}
+    assert train_speakers and not train_speakers & test_speakers
