@@ -54,7 +54,8 @@ SIZES = {"tiny": "config/tiny.yaml", "default": "config/default.yaml"}
 RECIPES = {
     "original": {},
     "power-law": {"train": {"loss": "power_law"}},
-    "warmup-cosine": {"train": {"lr_schedule": "warmup_cosine", "warmup_steps": 200}},
+    # warm-up over the first tenth of --steps, then down to 5 % of the rate at the last step
+    "warmup-cosine": {"train": {"lr_schedule": "warmup_cosine", "warmup_steps": "STEPS/10"}},
 }
 
 
@@ -103,6 +104,8 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name} must be at least 1, got {value}")
+    if "warmup-cosine" in args.recipe and not args.steps:
+        p.error("--recipe warmup-cosine needs --steps (its decay ends at the last step)")
     if args.minutes is not None and args.minutes <= 0:
         p.error(f"--minutes must be positive, got {args.minutes}")
     return args
@@ -135,7 +138,8 @@ def run_config(args, libri_root, test_dir, seed, reverse, recipe):
     })
     if args.batch_size:
         sections["train"]["batch_size"] = args.batch_size
-    _merge(sections, RECIPES[recipe])
+    recipe_changes = json.loads(json.dumps(RECIPES[recipe]).replace('"STEPS/10"', str(max(1, (args.steps or 0) // 10))))
+    _merge(sections, recipe_changes)
     return "\n---\n".join(yaml.safe_dump({k: v}, sort_keys=False) for k, v in sections.items())
 
 

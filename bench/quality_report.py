@@ -127,13 +127,14 @@ def final_table(runs):
 
 
 def plot_curves(runs, path, title=""):
-    """Median SDR gain against training minutes, one line per run and task (keep: org of the normal
+    """Median SDR gain against training steps (comparable across runs that shared the machine; the
+    minutes are in the tables), one line per run and task (keep: org of the normal
     model; remove: inv_sub of the normal model and org of the reversed one)."""
     fig, axes = plt.subplots(1, 2, figsize=(12, 4), sharex=True)
     for run in runs:
         for ax, task in zip(axes, ("keep", "remove"), strict=True):
             for mode in ("org", "inv_sub"):
-                points = [(p["minutes"], p["modes"][mode]["sdr_gain"]["median"]) for p in run["curve"]
+                points = [(p["step"], p["modes"][mode]["sdr_gain"]["median"]) for p in run["curve"]
                           if mode in p["modes"] and p["modes"][mode]["task"] == task]
                 points = [(x, y) for x, y in points if y is not None]
                 if points:
@@ -143,7 +144,7 @@ def plot_curves(runs, path, title=""):
     for ax, task in zip(axes, ("keep the reference speaker", "remove the reference speaker"), strict=True):
         ax.axhline(0, color="gray", lw=0.8)
         ax.set_title(task)
-        ax.set_xlabel("training minutes")
+        ax.set_xlabel("training steps")
         ax.set_ylabel("median SDR gain (dB), held-out speakers")
         ax.grid(alpha=0.3)
         if ax.lines[1:]:
