@@ -363,3 +363,14 @@ def test_an_unreadable_sample_is_named_and_the_others_are_scored(setup, tmp_path
     code, _, err = run_main(evaluate.main, eval_args(setup, tmp_path / "o2") + ["-d", split, "--mask", "org"], capsys)
     assert code == 2 and "none of the 3 samples" in err
     assert not (tmp_path / "o2" / "report.json").exists()
+
+
+@pytest.mark.parametrize("reverse", [True, False])
+def test_an_online_mixed_model_says_itself_what_org_keeps(tmp_path, reverse):
+    """A model trained with data.mixing online has no training folder: its config's data.reverse_data
+    decides what org keeps (before, evaluate.py fell back to the test folder and scored a reversed
+    model's org against the wrong speaker)."""
+    from utils.evaluation import model_reversed
+    hp_str = (f"data:\n  mixing: online\n  reverse_data: {str(reverse).lower()}\n  libri_dir: {tmp_path}/gone\n")
+    value, why = model_reversed(hp_str)
+    assert value is reverse and "data.mixing online" in why
