@@ -92,7 +92,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     args.tasks = args.tasks or (["normal", "reverse"] if args.reverse else ["normal"])
     if args.quick:
-        args.size, args.steps, args.minutes = "tiny", args.steps or 6, None
+        args.size = "tiny"
+        if args.minutes is None:
+            args.steps = args.steps or 6
         args.eval_every = args.eval_every or 3
         args.curve_samples = min(args.curve_samples, 12)
         args.final_samples = args.final_samples or args.curve_samples

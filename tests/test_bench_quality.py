@@ -122,3 +122,17 @@ def test_quick_run_end_to_end_agrees_with_evaluate(libri_mini, tmp_path):
     train_speakers = {p.name for p in (out / "data" / "libri" / "train-clean-100").iterdir()}
     test_speakers = {p.name for p in (libri_mini / "test-other").iterdir() if p.is_dir()}
     assert train_speakers and not train_speakers & test_speakers
+
+
+@pytest.mark.slow
+def test_a_minutes_budget_stops_the_trainer_with_a_checkpoint(libri_mini, tmp_path):
+    out = tmp_path / "quality"
+    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_quality.py"), "--quick", "--minutes", "0.5",
+                          "--eval_every", "1000", "--data", str(libri_mini), "-o", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    (entry,) = json.loads((out / "quality.json").read_text())["runs"]
+    record = json.loads((out / "runs" / entry["name"] / "run.json").read_text())
+    assert record["exit"] == 143  # stopped by the budget, after writing the step it was at
+    assert 0 < entry["steps"] < 1000 and [p["step"] for p in entry["curve"]] == [entry["steps"]]
+    assert 0.5 <= entry["train_minutes"] < 1.5
