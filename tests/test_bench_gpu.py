@@ -141,20 +141,21 @@ def test_gpu_stages_run_the_cuda_variants_and_write_into_the_output_folder(tmp_p
         assert stage.cmd[stage.cmd.index("--device") + 1] == "cuda"
         assert stage.cmd[stage.cmd.index("--json") + 1] == str(out / stage.result)
     assert inference.cmd[inference.cmd.index("--data") + 1] == str(tmp_path / "payload" / "librispeech-mini")
-    assert sum(run.LIMITS.values()) + 3 * 60 + args.reserve_s < 600  # worst case: under the device tool's limit
+    # every earlier limit reached still leaves the quality stage 3 minutes of training and time to score
+    assert sum(run.LIMITS.values()) + 3 * 60 + 60 < args.stop_minutes * 60 < 600
 
 
 def test_quality_stage_trains_for_what_remains_and_at_least_the_minimum(tmp_path):
     args = _args(tmp_path)
-    stage = run.quality_stage(args, tmp_path / "out", seconds_left=330)
+    stage = run.quality_stage(args, tmp_path / "out", seconds_left=330, stop_left=375)
     cmd = stage.cmd
     assert cmd[cmd.index("--minutes") + 1] == "4"  # (330 - 90) / 60
     assert cmd[cmd.index("--size") + 1] == "default" and cmd[cmd.index("--precision") + 1] == "bf16"
-    assert stage.limit_s == 330
-    late = run.quality_stage(args, tmp_path / "out", seconds_left=100)
+    assert stage.limit_s == 375
+    late = run.quality_stage(args, tmp_path / "out", seconds_left=100, stop_left=145)
     assert late.cmd[late.cmd.index("--minutes") + 1] == "3"
-    assert late.limit_s == 3 * 60 + 90
-    quick = run.quality_stage(_args(tmp_path, "--device", "cpu", "--quick"), tmp_path / "out", 0)
+    assert late.limit_s == 3 * 60 + run.GRACE_S  # training is never cut short
+    quick = run.quality_stage(_args(tmp_path, "--device", "cpu", "--quick"), tmp_path / "out", 0, 0)
     assert "--quick" in quick.cmd and "--minutes" not in quick.cmd
 
 
@@ -179,8 +180,8 @@ def test_a_failing_stage_is_logged_and_the_next_one_still_runs(tmp_path, monkeyp
     monkeypatch.setattr(run, "install_stage", lambda args, out: run.Stage("install", [PY, "-c", "exit(3)"], 10))
     monkeypatch.setattr(run, "bench_stages", lambda args, out: [
         run.Stage("train", [PY, "-c", f"open({str(out / 'train.json')!r}, 'w').write('{{}}')"], 10, "train.json")])
-    monkeypatch.setattr(run, "quality_stage", lambda args, out, left: run.Stage("quality", [PY, "-c", "pass"], 10,
-                                                                                "quality.json"))
+    monkeypatch.setattr(run, "quality_stage", lambda args, out, left, stop: run.Stage("quality", [PY, "-c", "pass"],
+                                                                                      10, "quality.json"))
     out.mkdir()
     (out / "quality.json").write_text("an earlier run's")
     with pytest.raises(SystemExit) as exit_info:

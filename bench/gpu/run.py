@@ -13,7 +13,8 @@ next one still runs):
    the payload's test-other speech;
 4. ``quality``: bench_quality.py --size default --precision bf16 --minutes M, M the minutes that
    remain of ``--total_minutes`` after the time its data preparation and scoring take
-   (``--reserve_s``), at least ``--min_minutes``.
+   (``--reserve_s``), at least ``--min_minutes``; should they take longer, it is stopped at
+   ``--stop_minutes`` (9.75: the device tool stops a command at 10).
 
 The output folder (the argument; default $OUT when set, else bench/out/gpu) gets few files, as
 the device tool brings back at most 8: ``run.log`` (every stage's output), ``train.json``,
@@ -54,8 +55,7 @@ INFERENCE_VARIANTS = ["model-fp32", "model-fp32-cl", "model-bf16", "model-bf16-c
 QUICK_TRAIN_VARIANTS = ["fp32"]
 QUICK_INFERENCE_VARIANTS = ["model-fp32", "process-fp32"]
 # seconds each stage may take on the GPU; the quality stage gets what remains of --total_minutes
-# (at most 310 s, and the quality stage at least 3 min + its reserve: 580 s when every limit is reached,
-# under the device tool's 600 s per command)
+# (at most 310 s: then the quality stage has 3 min of training and until --stop_minutes for the rest)
 LIMITS = {"install": 30, "train": 150, "inference": 130}
 QUICK_LIMIT = 900  # per stage with --quick (a shared CPU: no budget to keep to)
 RESULTS = ["run.log", "train.json", "inference.json", "quality.json", "quality_curve.png", "summary.json"]
@@ -73,7 +73,11 @@ def parse_args(argv=None):
     p.add_argument("--site", default="/tmp/site", help="where the wheels are installed (default: %(default)s)")
     p.add_argument("--work", default=str(BENCH / "out" / "gpu-quality"),
                    help="bench_quality.py's work folder (its data and trained models; default: %(default)s)")
-    p.add_argument("--total_minutes", type=float, default=9.0, help="the whole run's budget (default: %(default)s)")
+    p.add_argument("--total_minutes", type=float, default=9.0,
+                   help="the whole run's budget; the quality stage's training ends within it (default: %(default)s)")
+    p.add_argument("--stop_minutes", type=float, default=9.75,
+                   help="the quality stage is stopped at this minute of the run, scored or not (the device tool "
+                        "stops a command at 10; default: %(default)s)")
     p.add_argument("--min_minutes", type=float, default=3.0, help="the quality stage's least training minutes")
     p.add_argument("--eval_every", type=int, default=300, help="the quality stage's steps between checkpoints")
     p.add_argument("--reserve_s", type=float, default=90.0,
@@ -118,8 +122,9 @@ def bench_stages(args, out):
                   limit or LIMITS["inference"], "inference.json")]
 
 
-def quality_stage(args, out, seconds_left):
-    """bench_quality.py with the minutes that remain (``seconds_left`` of the whole budget)."""
+def quality_stage(args, out, seconds_left, stop_left):
+    """bench_quality.py training for the minutes that remain (``seconds_left`` of the budget, less
+    the reserve for its data and scoring), stopped ``stop_left`` seconds from now at the latest."""
     cmd = [sys.executable, str(BENCH / "bench_quality.py"), "--device", args.device,
            "--data", str(Path(args.payload, "librispeech-mini")), "-o", args.work, "--json", str(out / "quality.json"),
            "--jobs", str(args.jobs)]
@@ -130,7 +135,7 @@ def quality_stage(args, out, seconds_left):
     precision = "bf16" if args.device == "cuda" else "fp32"
     cmd += ["--size", "default", "--precision", precision, "--minutes", f"{minutes:g}",
             "--eval_every", str(args.eval_every)]
-    return Stage("quality", cmd, max(seconds_left, minutes * 60 + args.reserve_s), "quality.json")
+    return Stage("quality", cmd, max(stop_left, minutes * 60 + GRACE_S), "quality.json")
 
 
 def run_stage(stage, log, env):
@@ -202,7 +207,8 @@ def _trainer_tails(work, log, lines=20):
 def main(argv=None):
     args = parse_args(argv)
     out = check_writable_dir(args.out, "output")
-    deadline = time.monotonic() + args.total_minutes * 60
+    start = time.monotonic()
+    deadline, stop = start + args.total_minutes * 60, start + args.stop_minutes * 60
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if not args.no_install and any(Path(args.payload, "wheels").glob("*.whl")):
         env["PYTHONPATH"] = os.pathsep.join(x for x in [args.site, env.get("PYTHONPATH")] if x)
@@ -216,7 +222,7 @@ def main(argv=None):
         planned = [install_stage(args, out), *bench_stages(args, out), None]
         for stage in planned:
             if stage is None:
-                stage = quality_stage(args, out, deadline - time.monotonic())
+                stage = quality_stage(args, out, deadline - time.monotonic(), stop - time.monotonic())
             if stage.name not in args.stages:
                 continue
             started = time.time()
