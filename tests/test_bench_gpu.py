@@ -78,7 +78,7 @@ def test_prepare_fills_the_budget_with_the_first_speakers_by_id(tmp_path):
     fixed = prepare.repo_bytes() + 100 * len(prepare.read_pins()) + 4 * 1000 + len("CC BY 4.0\n")
     budget = fixed + 3000 + 5000 + 3999  # 19 and 103 fit, 250 (4000) misses by one byte
     done = _prepare("--data", mini, "--payload", tmp_path / "payload", "--wheels_from", wheels,
-                    "--budget_mib", budget / MIB, "--margin_mib", 0)
+                    "--budget_mib", budget / MIB, "--margin_mib", 0, "--min_speakers", 2)
     assert done.returncode == 0, done.stderr
     payload = tmp_path / "payload"
     manifest = json.loads((payload / "manifest.json").read_text())
@@ -105,7 +105,7 @@ def test_prepare_refuses_a_payload_over_the_budget_and_keeps_the_old_one(tmp_pat
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: the payload does not fit the 1 MiB"), done.stderr
-    assert "repository" in lines[0] and "train-clean-100" in lines[0]
+    assert "repository" in lines[0] and "where 0 speakers fit, fewer than the 90 bench_quality.py needs" in lines[0]
     assert (payload / "manifest.json").read_text() == "{}"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no half-made payload left
 
@@ -117,6 +117,19 @@ def test_prepare_refuses_a_missing_wheel_in_one_line(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"error: {wheels} must hold one wheel of soxr==1.1.0, found 0"]
     assert not (tmp_path / "payload").exists()
+
+
+def test_prepare_refuses_fewer_speakers_than_bench_quality_needs(tmp_path):
+    mini = _fake_mini(tmp_path / "mini", {"19": 3000, "103": 5000, "250": 4000})
+    budget = (prepare.repo_bytes() + 4 * 1000 + 10 + 8000 + 2000) / MIB  # 19 and 103 fit, not 250
+    done = _prepare("--data", mini, "--payload", tmp_path / "payload", "--no_download", "--budget_mib", budget,
+                    "--margin_mib", 0, "--min_speakers", 3)
+    assert done.returncode == 2
+    assert "where 2 speakers fit, fewer than the 3 bench_quality.py needs (--min_speakers)" in done.stderr
+    assert not (tmp_path / "payload").exists()
+    fine = _prepare("--data", mini, "--payload", tmp_path / "payload", "--no_download", "--budget_mib", budget,
+                    "--margin_mib", 0, "--min_speakers", 2)
+    assert fine.returncode == 0, fine.stderr
 
 
 def test_prepare_without_librispeech_is_one_line(tmp_path):
@@ -217,10 +230,10 @@ def test_install_stage_installs_the_wheels_offline_and_checks_the_imports(tmp_pa
 
 @pytest.mark.slow
 def test_cpu_quick_run_writes_every_stage_result(tmp_path, libri_mini):
-    """The whole chain on the CPU: prepare (no download, 12 training speakers), then every stage at
-    its --quick size reading the payload."""
+    """The whole chain on the CPU: prepare (no download, the fewest training speakers it allows), then
+    every stage at its --quick size reading the payload."""
     payload = tmp_path / "payload"
-    done = _prepare("--data", libri_mini, "--payload", payload, "--no_download", "--max_speakers", 12)
+    done = _prepare("--data", libri_mini, "--payload", payload, "--no_download", "--max_speakers", prepare.MIN_SPEAKERS)
     assert done.returncode == 0, done.stderr
     out = tmp_path / "out"
     start = time.monotonic()
