@@ -218,7 +218,8 @@ def main(argv=None):
     # the log streams as the stages run, so a run stopped from outside still returns what it did
     with open(out / "run.log", "w") as log:
         _write(log, f"===== GPU run: device {args.device}{' (quick)' if args.quick else ''}, output {out}, "
-                    f"payload {args.payload}, budget {args.total_minutes:g} min\n")
+                    f"payload {args.payload}, "
+                    f"{'no time budget' if args.quick else f'budget {args.total_minutes:g} min'}\n")
         planned = [install_stage(args, out), *bench_stages(args, out), None]
         for stage in planned:
             if stage is None:
