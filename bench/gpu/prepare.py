@@ -62,8 +62,9 @@ def parse_args(argv=None):
     wheels.add_argument("--no_download", action="store_true",
                         help="no wheels (the GPU machine must already have the packages: run.py --no_install)")
     p.add_argument("--budget_mib", type=float, default=64.0, help="what the device tool carries in all (MiB)")
-    p.add_argument("--margin_mib", type=float, default=1.0,
-                   help="left free under the budget, for files the repository gains before the run (MiB)")
+    p.add_argument("--margin_mib", type=float, default=2.0,
+                   help="left free under the budget: for files the repository gains before the run, and folder entries "
+                        "if the tool counts them (MiB; default: %(default)s)")
     p.add_argument("--max_speakers", type=int, default=None, help="at most this many training speakers")
     p.add_argument("--min_speakers", type=int, default=MIN_SPEAKERS,
                    help="refuse a payload with fewer training speakers (default: %(default)s)")
