@@ -250,3 +250,27 @@ def test_cpu_quick_run_writes_every_stage_result(tmp_path, libri_mini):
     assert len(list(out.iterdir())) <= 8  # what the device tool brings back
     print(f"cpu --quick run: {took:.0f} s; stages: "
           + ", ".join(f"{s['name']} {s['seconds']} s" for s in summary["stages"]))
+
+
+def _bench_module(name):
+    spec = importlib.util.spec_from_file_location(f"bench_gpu_test_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_run_asks_for_variants_the_benchmarks_have():
+    bench_train, bench_inference = _bench_module("bench_train"), _bench_module("bench_inference")
+    assert set(run.TRAIN_VARIANTS) <= set(bench_train.VARIANTS)
+    assert set(run.INFERENCE_VARIANTS) <= set(bench_inference.VARIANTS)
+    assert {"fp16", "bf16-cl-cudnn", "bf16-cl-compile"} <= bench_train.CUDA_ONLY  # not offered on a CPU
+
+
+def test_the_cudnn_benchmark_variant_trains(tmp_path):
+    """The variant's own code (cudnn.benchmark set) runs a step; on a CPU, cuDNN is not used."""
+    done = subprocess.run([PY, str(ROOT / "bench" / "bench_train.py"), "--variant", "bf16-cl-cudnn", "--quick",
+                           "--device", "cpu", "--steps", "1", "--warmup", "0"], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.split("BENCH_RESULT ", 1)[1].splitlines()[0])
+    assert result["precision"] == "bf16" and result["channels_last"] and result["s_per_step"] > 0
