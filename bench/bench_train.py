@@ -14,7 +14,11 @@ Variants (each in a fresh process):
                       depend on them) per reference, one at a time as the original did (under
                       ``no_grad``: the original also built an unused autograd graph, so this is
                       a lower bound of its cost);
-* ``fp16``            CUDA only (gradient scaler).
+* ``fp16``            CUDA only (gradient scaler);
+* ``bf16-cl-cudnn``   CUDA only: bf16-cl with ``torch.backends.cudnn.benchmark`` (cuDNN times its
+                      convolution algorithms on the first step and keeps the fastest);
+* ``bf16-cl-compile`` CUDA only: bf16-cl with the network under ``torch.compile`` (compiled during
+                      the warm-up steps: give it ``--warmup 2`` or more).
 
 The inputs are random: the speed of dense convolutions, an LSTM and Adam does not depend on
 the values. Default size (config/default.yaml): 601 frequency bins, 3 s -> 301 frames, 64 conv
@@ -48,8 +52,10 @@ VARIANTS = {  # name: (precision, channels_last, recompute d-vectors)
     "bf16-cl": ("bf16", True, False),
     "fp32-dvec-step": ("fp32", False, True),
     "fp16": ("fp16", False, False),
+    "bf16-cl-cudnn": ("bf16", True, False),
+    "bf16-cl-compile": ("bf16", True, False),
 }
-CUDA_ONLY = {"fp16"}
+CUDA_ONLY = {"fp16", "bf16-cl-cudnn", "bf16-cl-compile"}
 REFERENCE_SECONDS = 5.0
 DVEC_TABLE = 1000  # precomputed d-vectors the cached variants look up from
 
@@ -91,6 +97,9 @@ def run_variant(args, name):
 
     model = VoiceFilter(hp).to(device).train()
     optimizer = make_optimizer(hp, model.parameters())
+    torch.backends.cudnn.benchmark = name.endswith("-cudnn")
+    if name.endswith("-compile"):
+        model = torch.compile(model)  # shares the parameters the optimizer holds
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loss_fn = make_loss(hp)
     mixed = torch.rand(batch, frames, a.num_freq)
