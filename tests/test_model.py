@@ -176,3 +176,32 @@ def test_pickled_code_is_refused(tmp_path):
     torch.save({"model": {}, "x": Evil()}, path)
     with pytest.raises(UserError, match="cannot load"):
         load_checkpoint(path)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_conv_relu_equals_relu_of_the_convolution(dtype, channels_last):
+    from model.model import ConvReLU
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 8, (5, 5), dilation=(2, 1), padding=(4, 2)).eval()
+    fused = ConvReLU(conv)
+    x = torch.randn(2, 8, 30, 257)
+    if channels_last:
+        conv.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        expected, got = torch.relu(conv(x)), fused(x)
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+    with torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        trainable = fused(x.requires_grad_())  # with gradients: the differentiable path
+    trainable.float().sum().backward()
+    assert x.grad is not None
+
+
+def test_the_inference_network_fuses_every_relu_of_the_conv_stack():
+    from model.model import ConvReLU
+
+    fast = VoiceFilter(HParam("config/tiny.yaml")).for_inference()
+    assert sum(isinstance(m, ConvReLU) for m in fast.conv) == 8
+    assert not any(isinstance(m, (torch.nn.ReLU, torch.nn.BatchNorm2d)) for m in fast.conv)
