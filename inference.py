@@ -124,5 +124,8 @@ def report_failures(failed, total):
 
 
 if __name__ == "__main__":
+    from utils.allocator import reuse_freed_memory
+
+    reuse_freed_memory()  # fp32 activations reuse each other's memory (utils/allocator.py)
     freeze_at_exit()
     run_cli(main)

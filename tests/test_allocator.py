@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 # Allocates and frees 256 MB four times (numpy: plain malloc) and prints each round's page faults.
@@ -34,7 +35,8 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
     assert reuse[0] > 0 and reuse[1:] == [0, 0, 0]
 
 
-def test_the_trainer_script_keeps_freed_memory():
-    text = (ROOT / "trainer.py").read_text()
+@pytest.mark.parametrize("script", ["trainer.py", "inference.py"])
+def test_the_scripts_keep_freed_memory(script):
+    text = (ROOT / script).read_text()
     main_block = text[text.index('if __name__ == "__main__":'):]
     assert "reuse_freed_memory()" in main_block
