@@ -77,6 +77,7 @@ def run_variant(args, name):
     from utils.hparams import HParam
     from utils.train import make_loss, make_optimizer, train_step
 
+    reuse_freed_memory()  # as trainer.py does (peaks too: the convolution gains from it alike)
     device = common.pick(args.device)
     hp = HParam(args.config)
     if name == roofline.PEAKS:
@@ -84,7 +85,6 @@ def run_variant(args, name):
         return roofline.measure_peaks(device, hp.model.conv_channels, frames, hp.audio.num_freq, args.batch_size,
                                       bf16=roofline.native_bf16(device))
     precision, channels_last, recompute = VARIANTS[name]
-    reuse_freed_memory()  # as trainer.py does
     hp.train.precision, hp.train.channels_last = precision, channels_last
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
