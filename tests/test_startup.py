@@ -68,6 +68,16 @@ def test_the_loaded_model_holds_the_checkpoints_weights(tiny_run):
         assert torch.equal(loaded(x, d), reference(x, d))
 
 
+def test_a_checkpoint_of_half_precision_weights_gives_an_fp32_model(tiny_run, tmp_path):
+    state = load_checkpoint(tiny_run["checkpoint"])
+    state["model"] = {k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}
+    half = save_checkpoint(state, tmp_path / "half.pt")
+    loaded = load_model(tiny_run["hp"], half, torch.device("cpu"))
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    with torch.no_grad():
+        assert torch.isfinite(loaded(torch.rand(1, 20, 257), torch.randn(1, 256))).all()
+
+
 def test_mapped_and_legacy_checkpoints_load_alike(tiny_run, tmp_path):
     state = load_checkpoint(tiny_run["checkpoint"], mmap=True)
     legacy = tmp_path / "legacy.pt"  # the pre-zip format cannot be mapped: it is read

@@ -191,7 +191,8 @@ def load_model(hp, checkpoint_path, device, channels_last=False, state=None):
     if differences:
         logger.warning("checkpoint %s was trained with another config than -c (%s): pass the training "
                        "config for faithful results", checkpoint_path, "; ".join(differences))
-    return model.to(device).for_inference(channels_last)
+    # float(): the checkpoint's tensors are taken as they are (assign), so fp16/bf16 ones become fp32 here
+    return model.float().to(device).for_inference(channels_last)
 
 
 def min_samples(hp):
