@@ -92,10 +92,11 @@ class VoiceFilter(nn.Module):
 
     def _blstm(self, x):
         if self.training and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # oneDNN's bf16 LSTM backward is far slower than its fp32 one on CPUs without AMX:
-            # forward + backward of the default BLSTM, batch 2, measured 4.1 s bf16 against 0.76 s
-            # fp32 (AMD EPYC, AVX512-BF16), a third of a bf16 training step. Forward only
-            # (inference) bf16 is the faster one, so only training leaves autocast here.
+            # oneDNN's bf16 LSTM backward is far slower than its fp32 one on CPU: forward +
+            # backward of the default BLSTM, batch 2, measured 4.1 s bf16 against 0.76 s fp32
+            # (AMD EPYC, AVX512-BF16, no AMX; not measured on AMX), a third of a bf16 training
+            # step. Forward only (inference) bf16 is the faster one, so only training leaves
+            # autocast here.
             with torch.autocast("cpu", enabled=False):
                 return self.lstm(x.float())[0]
         return self.lstm(x)[0]
