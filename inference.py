@@ -42,6 +42,7 @@ from utils.separation_options import (
     positive_float,
     positive_int,
 )
+from utils.startup import bulk_imports, freeze_at_exit
 
 
 def build_parser():
@@ -90,7 +91,8 @@ def main(argv=None):
     references = pair_references(inputs, args.reference_file)
     log.info("%d mixture(s), mask %s, output to %s", len(inputs), ", ".join(modes), args.out_dir)
     with output_folder(args.out_dir, "-o"):
-        from utils.separation import load_separator, separate_files  # torch: only once the arguments are good
+        with bulk_imports():  # torch: only once the arguments are good
+            from utils.separation import load_separator, separate_files
 
         apply_threads(args.threads, log)
         separator = load_separator(hp, args.checkpoint_path, args.embedder_path, pick_device(args.device),
@@ -122,4 +124,8 @@ def report_failures(failed, total):
 
 
 if __name__ == "__main__":
+    from utils.allocator import reuse_freed_memory
+
+    reuse_freed_memory()  # fp32 activations reuse each other's memory (utils/allocator.py)
+    freeze_at_exit()
     run_cli(main)

@@ -219,6 +219,9 @@ def run_process(args, files, precision, channels_last):
 
 
 def run_variant(args, name):
+    from utils.allocator import reuse_freed_memory
+
+    reuse_freed_memory()  # as inference.py does (peaks too: the convolution gains from it alike)
     device = common.pick(args.device)
     if name == roofline.PEAKS:  # the convolution at the frames of the shortest mixture, batch 1
         from utils.hparams import HParam

@@ -78,10 +78,12 @@ def run_variant(args, name):
 
     from model.embedder import SpeechEmbedder
     from model.model import VoiceFilter
+    from utils.allocator import reuse_freed_memory
     from utils.audio import Audio
     from utils.hparams import HParam
     from utils.train import make_loss, make_optimizer, train_step
 
+    reuse_freed_memory()  # as trainer.py does (peaks too: the convolution gains from it alike)
     device = common.pick(args.device)
     hp = HParam(args.config)
     if name == roofline.PEAKS:

@@ -24,20 +24,39 @@ logger = logging.getLogger(__name__)
 SILENCE_PEAK = 1e-5
 
 
+# Slaney's mel scale (librosa's default, htk=False): linear below 1 kHz, logarithmic above.
+_MEL_LINEAR_STEP = 200.0 / 3  # Hz per mel below 1 kHz
+_MEL_LOG_START_HZ = 1000.0
+_MEL_LOG_START = _MEL_LOG_START_HZ / _MEL_LINEAR_STEP
+_MEL_LOG_STEP = np.log(6.4) / 27.0
+
+
+def _hz_to_mel(hz):
+    hz = np.asanyarray(hz, dtype=np.float64)
+    mel = hz / _MEL_LINEAR_STEP
+    above = hz >= _MEL_LOG_START_HZ
+    return np.where(above, _MEL_LOG_START + np.log(np.maximum(hz, _MEL_LOG_START_HZ) / _MEL_LOG_START_HZ)
+                    / _MEL_LOG_STEP, mel)
+
+
+def _mel_to_hz(mel):
+    mel = np.asanyarray(mel, dtype=np.float64)
+    hz = _MEL_LINEAR_STEP * mel
+    return np.where(mel >= _MEL_LOG_START, _MEL_LOG_START_HZ * np.exp(_MEL_LOG_STEP * (mel - _MEL_LOG_START)), hz)
+
+
 @functools.lru_cache(maxsize=8)
 def mel_basis(sample_rate, n_fft, n_mels):
     """Slaney-normalized mel filterbank [n_mels, 1 + n_fft // 2] float32, equal to
     ``librosa.filters.mel(sr=sample_rate, n_fft=n_fft, n_mels=n_mels)``.
 
-    Built from librosa's own mel and FFT frequency scales, as ``librosa.filters.mel``
-    builds it, because importing ``librosa.filters`` pulls in scipy.signal and
-    scipy.stats (about 1 s, the largest part of inference.py's start-up besides torch);
-    tests/test_audio.py holds the two equal.
+    Built here in numpy, as ``librosa.filters.mel`` builds it, because importing any of
+    librosa's conversion modules pulls in numba and llvmlite (0.3-0.4 s of CPU, the
+    largest part of inference.py's start-up besides torch); tests/test_audio.py holds the
+    two equal.
     """
-    from librosa.core.convert import fft_frequencies, mel_frequencies
-
-    fft_f = fft_frequencies(sr=sample_rate, n_fft=n_fft)
-    mel_f = mel_frequencies(n_mels + 2, fmin=0.0, fmax=sample_rate / 2.0)
+    fft_f = np.fft.rfftfreq(n_fft, d=1.0 / sample_rate)
+    mel_f = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(sample_rate / 2.0), n_mels + 2))
     ramps = mel_f[:, None] - fft_f[None, :]  # [n_mels + 2, bins]
     fdiff = np.diff(mel_f)[:, None]
     lower = -ramps[:-2] / fdiff[:-1]
@@ -56,8 +75,8 @@ class AudioError(UserError):
 def load_wav(path, sample_rate=16000):
     """Read any file soundfile can, as mono float32 at ``sample_rate``.
 
-    Stereo is averaged to mono; other rates are resampled (soxr, via
-    librosa). Raises :class:`AudioError` for a missing, unreadable, empty or
+    Stereo is averaged to mono; other rates are resampled (soxr, see
+    :func:`resample`). Raises :class:`AudioError` for a missing, unreadable, empty or
     silent file, naming the file.
     """
     path = Path(path)
@@ -75,8 +94,20 @@ def load_wav(path, sample_rate=16000):
     if np.max(np.abs(wav)) < SILENCE_PEAK:
         raise AudioError(f"audio file {path} is silent")
     if rate != sample_rate:
-        wav = librosa.resample(wav, orig_sr=rate, target_sr=sample_rate)
+        wav = resample(wav, rate, sample_rate)
     return np.ascontiguousarray(wav, dtype=np.float32)
+
+
+def resample(wav, rate, target_rate):
+    """``librosa.resample(wav, orig_sr=rate, target_sr=target_rate)`` (soxr's high quality, the
+    length fixed to ceil(N * target / rate)), calling soxr itself: librosa.core.audio imports
+    numba, 0.3-0.4 s of CPU at start-up for one call."""
+    import soxr
+
+    size = int(np.ceil(wav.shape[-1] * float(target_rate) / rate))
+    out = soxr.resample(wav, rate, target_rate, quality="soxr_hq")
+    out = out[:size] if out.shape[-1] >= size else np.pad(out, (0, size - out.shape[-1]))
+    return np.asarray(out, dtype=wav.dtype)
 
 
 def save_wav(path, wav, sample_rate=16000, subtype="FLOAT"):

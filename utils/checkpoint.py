@@ -10,6 +10,7 @@ refuses to overwrite.
 """
 import logging
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -53,13 +54,16 @@ def _to_16_bits(value, dtype):
     return value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
 
 
-def load_checkpoint(path, map_location="cpu"):
-    """Read a checkpoint dict; a missing, corrupt or foreign file is a :class:`UserError`."""
+def load_checkpoint(path, map_location="cpu", mmap=False):
+    """Read a checkpoint dict; a missing, corrupt or foreign file is a :class:`UserError`.
+    ``mmap``: map the file instead of reading it (zip-format files; others are read), so that
+    only the tensors used are read: inference uses the model, not the optimizer's state."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True,
+                           mmap=bool(mmap) and zipfile.is_zipfile(path))
     except Exception as err:  # truncated zip, pickle with code, random bytes: all unusable
         raise UserError(f"cannot load checkpoint {path}: {str(err).splitlines()[0]}") from None
     if isinstance(state, dict) and "model" not in state and all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -83,8 +87,9 @@ def state_dict_mismatch(module, state_dict):
     return None
 
 
-def load_model_weights(model, state_dict, path):
-    """``model.load_state_dict`` with a clear error when the checkpoint does not fit the config."""
+def load_model_weights(model, state_dict, path, assign=False):
+    """``model.load_state_dict`` with a clear error when the checkpoint does not fit the config.
+    ``assign``: the model takes the checkpoint's tensors (for a model built on the meta device)."""
     mismatch = state_dict_mismatch(model, state_dict)
     if mismatch and mismatch[0] == "keys":
         raise UserError(f"checkpoint {path} does not fit this model (missing {mismatch[1]}, "
@@ -93,7 +98,7 @@ def load_model_weights(model, state_dict, path):
         _, key, in_file, in_model = mismatch
         raise UserError(f"checkpoint {path} does not fit the config: {key} is {in_file} in the file but "
                         f"{in_model} in the model (was it trained with another config? pass the same -c)")
-    model.load_state_dict(state_dict)
+    model.load_state_dict(state_dict, assign=assign)
 
 
 # ---- a training run's checkpoint folder ---------------------------------------------------------

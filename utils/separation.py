@@ -145,7 +145,7 @@ def read_checkpoint(path, device="cpu"):
     if what:
         raise UserError(f"--checkpoint_path {path} is {what}, not a VoiceFilter checkpoint "
                         f"(chkpt_STEP.pt or best.pt from trainer.py)")
-    state = load_checkpoint(path, map_location=device)
+    state = load_checkpoint(path, map_location=device, mmap=True)  # the optimizer's state stays unread
     keys = set(state["model"])
     if any(k.startswith("proj.") for k in keys) and all(k.startswith(("lstm.", "proj.")) for k in keys):
         raise UserError(f"--checkpoint_path {path} holds a speaker embedder's weights, not a VoiceFilter "
@@ -180,9 +180,10 @@ def load_model(hp, checkpoint_path, device, channels_last=False, state=None):
     if state is None:
         state = read_checkpoint(checkpoint_path, device)
     differences = config_mismatches(state.get("hp_str"), hp)
-    model = VoiceFilter(hp)
+    with torch.device("meta"):  # no random initialisation of weights the checkpoint replaces
+        model = VoiceFilter(hp)
     try:
-        load_model_weights(model, state["model"], checkpoint_path)
+        load_model_weights(model, state["model"], checkpoint_path, assign=True)
     except UserError as err:
         if differences:
             raise UserError(f"{err}; its stored config differs from -c in {'; '.join(differences[:4])}") from None
@@ -190,7 +191,8 @@ def load_model(hp, checkpoint_path, device, channels_last=False, state=None):
     if differences:
         logger.warning("checkpoint %s was trained with another config than -c (%s): pass the training "
                        "config for faithful results", checkpoint_path, "; ".join(differences))
-    return model.to(device).for_inference(channels_last)
+    # float(): the checkpoint's tensors are taken as they are (assign), so fp16/bf16 ones become fp32 here
+    return model.float().to(device).for_inference(channels_last)
 
 
 def min_samples(hp):
