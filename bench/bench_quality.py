@@ -75,6 +75,9 @@ def parse_args(argv=None):
                    help="which models to train: on normal data, on reversed data (default: normal)")
     p.add_argument("--recipe", nargs="+", default=["original"], choices=sorted(RECIPES),
                    help="training recipes to compare (docs/recipes.md)")
+    p.add_argument("--score_only", action="store_true",
+                   help="train nothing: gather and score the runs of this selection that finished before "
+                        "(e.g. runs made in parallel, one per process); the others are left out")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--threads", type=int, default=0, help="CPU threads of each trainer (default: torch's)")
@@ -213,7 +216,13 @@ def main(argv=None):
                 name = run_name(args, seed, reverse, recipe)
                 run_dir = out / "runs" / name
                 text = run_config(args, data["libri_root"], data["test_dir"], seed, reverse, recipe)
-                record = train(args, run_dir, text, device)
+                if args.score_only:
+                    if not (run_dir / "run.json").is_file():
+                        print(f"{name}: not trained, left out", flush=True)
+                        continue
+                    record = json.loads((run_dir / "run.json").read_text())
+                else:
+                    record = train(args, run_dir, text, device)
                 scored = quality_report.score_run(run_dir, record, data["test_dir"], torch_device, args.curve_samples,
                                                   args.final_samples, args.jobs, MODES)
                 runs.append({"name": name, "recipe": recipe, "reverse": reverse, "seed": seed, **scored})
@@ -223,6 +232,8 @@ def main(argv=None):
               "test_seed": args.test_seed, "curve_samples": args.curve_samples,
               "final_samples": args.final_samples or data["test_samples"], "runs": runs}
     result["data"]["test_dir"] = str(data["test_dir"])
+    if not runs:
+        sys.exit("error: no finished run to score in " + str(out / "runs"))
     table = quality_report.final_table(runs)
     print(table)
     png = quality_report.plot_curves(runs, out / "quality_curve.png", title=f"{args.size}, {info['cpu']}"
