@@ -118,6 +118,14 @@ def test_quick_run_end_to_end_agrees_with_evaluate(libri_mini, tmp_path):
         for metric in ("sdr_gain", "si_sdr_gain", "similarity_after"):
             assert mine[metric]["median"] == pytest.approx(report["modes"][mode][metric]["median"], abs=2e-3), \
                 (mode, metric)
+    # gathering finished runs trains nothing: seed 2 never ran, so it is left out
+    again = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_quality.py"), "--quick", "--score_only",
+                            "--seeds", "1", "2", "--data", str(libri_mini), "-o", str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "seed2: not trained, left out" in again.stdout
+    assert not (out / "runs" / entry["name"].replace("seed1", "seed2")).exists()
+    assert [r["seed"] for r in json.loads((out / "quality.json").read_text())["runs"]] == [1]
     # the training data held no test speaker
     train_speakers = {p.name for p in (out / "data" / "libri" / "train-clean-100").iterdir()}
     test_speakers = {p.name for p in (libri_mini / "test-other").iterdir() if p.is_dir()}
