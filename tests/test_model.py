@@ -29,13 +29,19 @@ def test_forward_shapes_and_range(batch, frames):
     assert float(mask.min()) >= 0 and float(mask.max()) <= 1
 
 
-def test_channels_last_gives_the_same_mask(tmp_path):
+def _plain_and_channels_last(training):
+    """Two tiny models with the same weights, NCHW and channels_last, in train or eval mode."""
     hp = HParam("config/tiny.yaml")
     torch.manual_seed(0)
-    plain = VoiceFilter(hp).eval()
+    plain = VoiceFilter(hp).train(training)
     hp.train.channels_last = True
-    fast = VoiceFilter(hp).eval()
+    fast = VoiceFilter(hp).train(training)
     fast.load_state_dict(plain.state_dict())
+    return plain, fast
+
+
+def test_channels_last_gives_the_same_mask(tmp_path):
+    plain, fast = _plain_and_channels_last(training=False)
     x, d = torch.rand(2, 40, 257), torch.randn(2, 256)
     with torch.no_grad():
         torch.testing.assert_close(fast(x, d), plain(x, d), atol=1e-5, rtol=1e-5)
@@ -74,12 +80,7 @@ def test_channels_last_training_gives_the_nchw_gradients():
     # relative output error against 8e-6 for inputs of mean 5 and spread 0.1), and the random
     # network's backward, through 8 batch norms, amplifies that to ~1 %. A layout mix-up
     # (weights or features in the wrong order) is off by 100 %.
-    hp = HParam("config/tiny.yaml")
-    torch.manual_seed(0)
-    plain = VoiceFilter(hp).train()
-    hp.train.channels_last = True
-    fast = VoiceFilter(hp).train()
-    fast.load_state_dict(plain.state_dict())
+    plain, fast = _plain_and_channels_last(training=True)
     x, d = torch.rand(2, 30, 257), torch.randn(2, 256)
     torch.testing.assert_close(fast(x, d), plain(x, d), atol=1e-5, rtol=1e-5)
     plain(x, d).square().mean().backward()
