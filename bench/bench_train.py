@@ -66,6 +66,9 @@ def parse_args():
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 3; --quick: 2)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
+    p.add_argument("--allocator", default="reuse", choices=["reuse", "glibc"],
+                   help="reuse: freed memory kept for reuse, as trainer.py does (utils/allocator.py); "
+                        "glibc: the C library's defaults, for an A/B of that setting")
     args = common.parse(p)
     args.config = args.config or str(common.ROOT / "config" / ("tiny.yaml" if args.quick else "default.yaml"))
     args.steps = args.steps or (2 if args.quick else 3)
@@ -83,7 +86,8 @@ def run_variant(args, name):
     from utils.hparams import HParam
     from utils.train import make_loss, make_optimizer, train_step
 
-    reuse_freed_memory()  # as trainer.py does (peaks too: the convolution gains from it alike)
+    if args.allocator == "reuse":
+        reuse_freed_memory()  # as trainer.py does (peaks too: the convolution gains from it alike)
     device = common.pick(args.device)
     hp = HParam(args.config)
     if name == roofline.PEAKS:
