@@ -65,10 +65,8 @@ def parse_args():
     p.add_argument("--config", default=None, help="config (default config/default.yaml; --quick: config/tiny.yaml)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 3; --quick: 2)")
+    common.add_allocator_flag(p)
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
-    p.add_argument("--allocator", default="reuse", choices=["reuse", "glibc"],
-                   help="reuse: freed memory kept for reuse, as trainer.py does (utils/allocator.py); "
-                        "glibc: the C library's defaults, for an A/B of that setting")
     args = common.parse(p)
     args.config = args.config or str(common.ROOT / "config" / ("tiny.yaml" if args.quick else "default.yaml"))
     args.steps = args.steps or (2 if args.quick else 3)
@@ -81,13 +79,11 @@ def run_variant(args, name):
 
     from model.embedder import SpeechEmbedder
     from model.model import VoiceFilter
-    from utils.allocator import reuse_freed_memory
     from utils.audio import Audio
     from utils.hparams import HParam
     from utils.train import make_loss, make_optimizer, train_step
 
-    if args.allocator == "reuse":
-        reuse_freed_memory()  # as trainer.py does (peaks too: the convolution gains from it alike)
+    common.set_allocator(args)
     device = common.pick(args.device)
     hp = HParam(args.config)
     if name == roofline.PEAKS:

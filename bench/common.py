@@ -59,6 +59,22 @@ def parse(parser):
     return args
 
 
+def add_allocator_flag(p):
+    """``--allocator`` for the benchmarks of trainer.py's and inference.py's code (they set it)."""
+    p.add_argument("--allocator", default="reuse", choices=["reuse", "glibc"],
+                   help="reuse: freed memory kept for reuse, as trainer.py and inference.py do "
+                        "(utils/allocator.py); glibc: the C library's defaults, for an A/B of that setting")
+
+
+def set_allocator(args):
+    """In a child: the allocator setting the scripts measured here use, unless ``--allocator glibc``
+    (the peaks gain from it alike, so they get the same)."""
+    if args.allocator == "reuse":
+        from utils.allocator import reuse_freed_memory
+
+        reuse_freed_memory()
+
+
 def pick(device_name):
     """``utils.cli.pick_device``, with a missing device as a one-line error."""
     from utils.cli import pick_device

@@ -26,3 +26,18 @@ def test_time_call_times_each_repeat_and_reports_partials():
                              on_repeat=lambda so_far: partials.append(list(so_far)))
     assert len(times) == 3 and all(0.045 < t < 0.5 for t in times)
     assert [len(p) for p in partials] == [1, 2, 3]
+
+
+def test_allocator_flag_chooses_whether_freed_memory_is_kept(monkeypatch):
+    import argparse
+
+    import utils.allocator
+
+    calls = []
+    monkeypatch.setattr(utils.allocator, "reuse_freed_memory", lambda: calls.append(1) or True)
+    p = argparse.ArgumentParser()
+    common.add_allocator_flag(p)
+    common.set_allocator(p.parse_args([]))              # the default: as trainer.py and inference.py run
+    assert calls == [1]
+    common.set_allocator(p.parse_args(["--allocator", "glibc"]))
+    assert calls == [1]                                 # the C library's defaults left alone
