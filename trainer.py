@@ -69,7 +69,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from utils.allocator import reuse_freed_memory
-
-    reuse_freed_memory()  # activations reused between steps, not page-faulted afresh (utils/allocator.py)
     run_cli(main)

@@ -68,7 +68,7 @@ def parse_args():
     p.add_argument("--config", default=None, help="config (default config/default.yaml; --quick: config/tiny.yaml)")
     p.add_argument("--data", default=str(common.DEFAULT_DATA), help="LibriSpeech-layout folder (default: %(default)s)")
     p.add_argument("--durations", type=float, nargs="+", default=[3.0, 60.0], help="mixture lengths in s")
-    common.add_allocator_flag(p)  # the model-alone rows and the peaks; inference.py sets its own
+    common.add_allocator_flag(p, "reuse, as inference.py")  # model-alone rows, peaks; inference.py sets its own
     p.add_argument("--warmup", type=int, default=1, help="model alone: untimed calls on the shortest mixture")
     p.add_argument("--repeats", type=int, default=3, help="model alone: timed calls per mixture up to 10 s")
     p.add_argument("--long_repeats", type=int, default=1, help="model alone: timed calls per longer mixture")
@@ -220,7 +220,7 @@ def run_process(args, files, precision, channels_last):
 
 
 def run_variant(args, name):
-    common.set_allocator(args)
+    common.set_allocator(args, "reuse")
     device = common.pick(args.device)
     if name == roofline.PEAKS:  # the convolution at the frames of the shortest mixture, batch 1
         from utils.hparams import HParam

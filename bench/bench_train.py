@@ -65,7 +65,7 @@ def parse_args():
     p.add_argument("--config", default=None, help="config (default config/default.yaml; --quick: config/tiny.yaml)")
     p.add_argument("--batch_size", type=int, default=8)
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 3; --quick: 2)")
-    common.add_allocator_flag(p)
+    common.add_allocator_flag(p, "as trainer.py with the config: reuse where train.keep_freed_memory is true")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     args = common.parse(p)
     args.config = args.config or str(common.ROOT / "config" / ("tiny.yaml" if args.quick else "default.yaml"))
@@ -83,9 +83,9 @@ def run_variant(args, name):
     from utils.hparams import HParam
     from utils.train import make_loss, make_optimizer, train_step
 
-    common.set_allocator(args)
-    device = common.pick(args.device)
     hp = HParam(args.config)
+    common.set_allocator(args, "reuse" if hp.train.keep_freed_memory else "glibc")
+    device = common.pick(args.device)
     if name == roofline.PEAKS:
         frames = 1 + int(hp.data.audio_len * hp.audio.sample_rate) // hp.audio.hop_length
         return roofline.measure_peaks(device, hp.model.conv_channels, frames, hp.audio.num_freq, args.batch_size,

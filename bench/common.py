@@ -59,17 +59,17 @@ def parse(parser):
     return args
 
 
-def add_allocator_flag(p):
-    """``--allocator`` for the benchmarks of trainer.py's and inference.py's code (they set it)."""
-    p.add_argument("--allocator", default="reuse", choices=["reuse", "glibc"],
-                   help="reuse: freed memory kept for reuse, as trainer.py and inference.py do "
-                        "(utils/allocator.py); glibc: the C library's defaults, for an A/B of that setting")
+def add_allocator_flag(p, default_help):
+    """``--allocator``; left out, the benchmark does what the script it measures does (set_allocator)."""
+    p.add_argument("--allocator", default=None, choices=["reuse", "glibc"],
+                   help="reuse: freed memory kept for reuse (utils/allocator.py); glibc: the C library's "
+                        f"defaults; an A/B of that setting (default: {default_help})")
 
 
-def set_allocator(args):
-    """In a child: the allocator setting the scripts measured here use, unless ``--allocator glibc``
-    (the peaks gain from it alike, so they get the same)."""
-    if args.allocator == "reuse":
+def set_allocator(args, default):
+    """In a child: ``--allocator``, or where it is left out ``default``, the setting of the measured
+    script (the peaks gain from it alike, so they get the same)."""
+    if (args.allocator or default) == "reuse":
         from utils.allocator import reuse_freed_memory
 
         reuse_freed_memory()

@@ -36,8 +36,12 @@ def test_allocator_flag_chooses_whether_freed_memory_is_kept(monkeypatch):
     calls = []
     monkeypatch.setattr(utils.allocator, "reuse_freed_memory", lambda: calls.append(1) or True)
     p = argparse.ArgumentParser()
-    common.add_allocator_flag(p)
-    common.set_allocator(p.parse_args([]))              # the default: as trainer.py and inference.py run
+    common.add_allocator_flag(p, "as the script")
+    common.set_allocator(p.parse_args([]), "reuse")     # left out: what the measured script does
     assert calls == [1]
-    common.set_allocator(p.parse_args(["--allocator", "glibc"]))
+    common.set_allocator(p.parse_args([]), "glibc")
+    assert calls == [1]
+    common.set_allocator(p.parse_args(["--allocator", "glibc"]), "reuse")
     assert calls == [1]                                 # the C library's defaults left alone
+    common.set_allocator(p.parse_args(["--allocator", "reuse"]), "glibc")
+    assert calls == [1, 1]

@@ -5,6 +5,7 @@ The dataset is written here directly in the generator's layout (harmonic
 these tests do not depend on generator.py. The speaker embedder is a tiny
 original-format ``embedder.pt`` with random weights (lstm_hidden 16).
 """
+import logging
 import os
 import random
 import shutil
@@ -246,6 +247,19 @@ def test_bf16_on_cpu(data):
     weights = _weights(data / "chkpt" / "bf16" / "chkpt_1.pt")
     assert all(v.dtype in (torch.float32, torch.int64) for v in weights.values())  # weights stay fp32
     assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_keep_freed_memory_is_asked_for_only_by_the_config(data, monkeypatch, caplog):
+    import utils.allocator
+
+    calls = []  # the real switch would change this test process's allocator for the rest of the suite
+    monkeypatch.setattr(utils.allocator, "reuse_freed_memory", lambda: calls.append(1) or True)
+    assert train(data, "glibc", write_config(data / "glibc.yaml", {"train": {"max_steps": 1}})) == 0
+    assert calls == []  # the default: glibc's own allocation, half the peak memory at batch 8
+    caplog.set_level(logging.INFO)
+    config = write_config(data / "keep.yaml", {"train": {"max_steps": 1, "keep_freed_memory": True}})
+    assert train(data, "keep", config) == 0
+    assert calls == [1] and "freed memory kept for reuse (train.keep_freed_memory): True" in caplog.text
 
 
 def test_power_law_loss_and_adabound(data):

@@ -159,6 +159,10 @@ def run_training(hp, name, base_dir=".", embedder="resemblyzer", checkpoint_path
         if dist.active:
             cleanup.callback(torch_dist.destroy_process_group)
         apply_threads(threads, logger)
+        if hp.train.keep_freed_memory and device.type == "cpu":
+            from utils.allocator import reuse_freed_memory  # before the first activation is allocated
+
+            logger.info("freed memory kept for reuse (train.keep_freed_memory): %s", reuse_freed_memory())
         train_dir, test_dir = check_settings(hp, device, checkpoint_path=checkpoint_path, init_from=init_from)
         logger.info("training %s on %s (%d process(es)), precision %s", name, device, dist.world_size,
                     hp.train.precision)
