@@ -114,7 +114,7 @@ def run_variant(args, name):
         refs = [rng.uniform(-0.5, 0.5, int(REFERENCE_SECONDS * a.sample_rate)).astype(np.float32)
                 for _ in range(batch)]
 
-    dvec_seconds = []
+    dvec_seconds, ref_times = [], []
 
     def step():
         if recompute:  # the original: mel and embedder forward per reference, every step
@@ -135,10 +135,20 @@ def run_variant(args, name):
                "samples_per_s": batch / seconds, **common.process_stats(device)}
         if recompute:
             out["dvec_s_per_step"] = common.median(dvec_seconds[args.warmup:])
+        if ref_times:
+            out["conv_train_gflops"] = ref_flops / common.median(ref_times) / 1e9
         return out
 
-    times = common.time_call(step, device, warmup=args.warmup, repeats=args.steps,
-                             on_repeat=lambda t: common.emit_partial(result(t)))
+    # the same convolution's forward + backward, timed after each step: the rate the step is held to
+    ref_fn, ref_flops = roofline.conv_training_reference(device, hp.model.conv_channels, frames, a.num_freq,
+                                                         batch, precision)
+    ref_fn()  # its warm-up
+
+    def after_step(times):
+        ref_times.extend(common.time_call(ref_fn, device, warmup=0, repeats=1))
+        common.emit_partial(result(times))
+
+    times = common.time_call(step, device, warmup=args.warmup, repeats=args.steps, on_repeat=after_step)
     return result(times)
 
 
@@ -163,8 +173,10 @@ def main():
     for r in results.values():
         r["flops"] = step_flops
     roofline.add_roofline(results, peaks)
+    roofline.add_same_time_fraction(results)
     columns = [("s/step", "s_per_step"), ("samples/s", "samples_per_s"), ("GFLOP/s", "gflops"),
-               ("of conv peak", "of_conv_peak"), ("d-vector s/step", "dvec_s_per_step"),
+               ("of conv peak", "of_conv_peak"), ("conv fwd+bwd GFLOP/s", "conv_train_gflops"),
+               ("of conv fwd+bwd", "of_conv_train"), ("d-vector s/step", "dvec_s_per_step"),
                ("peak RSS MB", "peak_rss_mb"), ("load (1 min)", "load_1min")]
     if device.type == "cuda":
         columns.append(("CUDA peak MB", "cuda_peak_mb"))
@@ -176,7 +188,10 @@ def main():
              f"d-vectors each step with the original SpeechEmbedder (random weights), as the original trainer did; "
              f"the others look up cached d-vectors. A step is {step_flops / 1e12:.2f} TFLOP (forward and "
              f"backward); 'of conv peak' is the step's rate over the best rate of one 5x5 convolution of the "
-             f"network's shape in the same precision on this machine, measured in the same run.",
+             f"network's shape in the same precision on this machine, measured in the same run; 'conv fwd+bwd' is "
+             f"that convolution's forward and backward (channels_last, the step's precision) timed after each "
+             f"step in the variant's own process, and 'of conv fwd+bwd' the step's rate over it: the figure "
+             f"that stays put where the machine's speed drifts.",
              roofline.peaks_line(peaks)]
     table = common.markdown_table(results, columns, ratios, baseline="fp32")
     common.report("Training throughput", info, table, notes, args.json,

@@ -50,9 +50,33 @@ def voicefilter_flops(hp, batch, frames, training):
     return (counter.get_total_flops() + lstm) * batch * frames / COUNT_FRAMES
 
 
-def _rate(fn, flops, device, repeats=3):
-    times = common.time_call(fn, device, warmup=1, repeats=repeats)
+def _rate(fn, flops, device, repeats=5):
+    times = common.time_call(fn, device, warmup=2, repeats=repeats)
     return flops / common.median(times) / 1e9
+
+
+def conv_training_reference(device, channels, frames, freq, batch, precision):
+    """``(fn, flops)``: forward and backward (input and weight gradients) of one 5 x 5 convolution of
+    the network's shape, channels_last, in the step's precision (fp16 as bf16 on CPU).
+
+    The benchmarks time it between a variant's steps, in the same process: on a shared or
+    frequency-scaled CPU the rates of one operation differed threefold from one run to the next
+    (bench/README.md), so a step is compared with what the convolution reached at the same time."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,
+             "fp16": torch.float16 if device.type == "cuda" else torch.bfloat16}[precision]
+    fmt = torch.channels_last
+    conv = torch.nn.Conv2d(channels, channels, 5, padding=2).to(device, dtype=dtype, memory_format=fmt)
+    x = torch.rand(batch, channels, frames, freq, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    x.requires_grad_(True)
+    grad = torch.ones_like(x)
+
+    def fn():
+        conv(x).backward(grad)
+        conv.weight.grad = conv.bias.grad = x.grad = None
+
+    return fn, 3 * 2 * channels * channels * 25 * frames * freq * batch
 
 
 def native_bf16(device):
@@ -107,6 +131,15 @@ def add_roofline(results, peaks, flops_key="flops", seconds_key="s_per_step", su
         peak = conv_peak(peaks or {}, r.get("precision", "fp32"))
         if peak:
             r[f"of_conv_peak{suffix}"] = f"{100 * r[f'gflops{suffix}'] / peak:.0f} %"
+
+
+def add_same_time_fraction(results):
+    """Give each result with a step rate (``gflops``) and its reference convolution's forward and
+    backward rate (``conv_train_gflops``, timed between its steps) ``of_conv_train``: the one over the
+    other."""
+    for r in results.values():
+        if r.get("gflops") and r.get("conv_train_gflops"):
+            r["of_conv_train"] = f"{100 * r['gflops'] / r['conv_train_gflops']:.0f} %"
 
 
 def peaks_line(peaks):
