@@ -65,6 +65,7 @@ TIMEOUT_S = 60
 RETRIES = 4  # tries per run; a dropped connection is resumed from where it stopped
 BACKOFF_S = 5.0  # wait after the first failed try, doubled after each further one
 BACKOFF_MAX_S = 60.0
+TRANSIENT_HTTP = {429, 500, 502, 503, 504}  # a busy or restarting server: worth another try
 
 
 class DownloadError(UserError):
@@ -79,6 +80,15 @@ class DownloadError(UserError):
 def backoff_s(failed_tries: int) -> float:
     """Seconds to wait after `failed_tries` failures: 5, 10, 20 ... up to BACKOFF_MAX_S."""
     return min(BACKOFF_S * 2 ** (failed_tries - 1), BACKOFF_MAX_S)
+
+
+def _retry_after_s(err, failed_tries: int) -> float:
+    """The wait a busy server asks for (``Retry-After`` in seconds), else the usual backoff;
+    never over BACKOFF_MAX_S."""
+    asked = (err.headers or {}).get("Retry-After", "") if hasattr(err, "headers") else ""
+    if str(asked).strip().isdigit():
+        return min(float(asked), BACKOFF_MAX_S)
+    return backoff_s(failed_tries)
 
 
 def _sleep(seconds: float) -> None:
@@ -187,18 +197,21 @@ def download(url: str, dest: str | os.PathLike, expected_md5: str | None = None,
     for attempt in range(1, retries + 1):
         try:
             _fetch_once(url, part, dest.name, progress, timeout)
-            break
         except urllib.error.HTTPError as err:
-            raise DownloadError(f"cannot download {url}: HTTP {err.code} {err.reason}") from err
+            if err.code not in TRANSIENT_HTTP or attempt == retries:
+                raise DownloadError(f"cannot download {url}: HTTP {err.code} {err.reason}") from err
+            reason, wait = f"HTTP {err.code} {err.reason}", _retry_after_s(err, attempt)
         except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
             reason = getattr(err, "reason", None) or err
             if attempt == retries:
                 raise DownloadError(f"cannot download {url}: {reason} (rerun to resume from "
                                     f"{part.stat().st_size if part.exists() else 0} bytes)") from err
             wait = backoff_s(attempt)
-            logger.warning("download of %s interrupted (%s); resuming in %.0f s (try %d of %d)",
-                           url, reason, wait, attempt + 1, retries)
-            _sleep(wait)
+        else:
+            break
+        logger.warning("download of %s interrupted (%s); resuming in %.0f s (try %d of %d)",
+                       url, reason, wait, attempt + 1, retries)
+        _sleep(wait)
     if expected_md5:
         verify_md5(part, expected_md5, name=url)
     os.replace(part, dest)

@@ -50,6 +50,8 @@ class Server:
         self.files = {}
         self.honour_range = True
         self.cut_first_after = None  # bytes sent before closing the first response
+        self.busy = []  # status codes answered to the first requests, in turn (e.g. [503, 503])
+        self.retry_after = None  # the Retry-After header sent with them
         self.requests = []  # (path, Range header or None)
         server = self
 
@@ -62,6 +64,13 @@ class Server:
             def do_GET(self):
                 requested_range = self.headers.get("Range")
                 server.requests.append((self.path, requested_range))
+                if server.busy:
+                    self.send_response(server.busy.pop(0))
+                    if server.retry_after is not None:
+                        self.send_header("Retry-After", server.retry_after)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 data = server.files.get(self.path)
                 if data is None:
                     self.send_error(404, "Not Found")
@@ -199,9 +208,25 @@ def test_retries_wait_longer_each_time(tmp_path, server, waits):
     assert waits[-1] <= librispeech.BACKOFF_MAX_S
 
 
-def test_http_error_is_one_sentence(tmp_path, server):
+def test_busy_server_is_tried_again_after_the_wait_it_asks_for(tmp_path, server, waits):
+    server.busy, server.retry_after = [503, 429], "7"
+    fetch(tmp_path, server)
+    assert len(server.requests) == 3 and waits == [7.0, 7.0]
+    assert_extracted(tmp_path)
+
+
+def test_server_errors_without_retry_after_back_off_then_give_up_in_one_sentence(tmp_path, server, waits):
+    server.busy = [502] * 10
+    with pytest.raises(DownloadError, match="HTTP 502"):
+        librispeech.download(f"{server.url}/{SUBSET}.tar.gz", tmp_path / "a.tar.gz", retries=3, progress=False)
+    assert len(server.requests) == 3 and waits == [librispeech.backoff_s(1), librispeech.backoff_s(2)]
+    assert not (tmp_path / "a.tar.gz").exists()
+
+
+def test_http_error_is_one_sentence(tmp_path, server, waits):
     with pytest.raises(DownloadError, match="HTTP 404"):
         librispeech.fetch_subsets(["dev-other"], tmp_path, base_url=server.url, progress=False)
+    assert len(server.requests) == 1 and waits == []  # a missing file is not tried again
 
 
 def test_network_error_keeps_nothing_half_done(tmp_path, server):
