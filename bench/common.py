@@ -334,8 +334,10 @@ def run_in_workdir(script, names, timeout, prefix, shared_file, prepare):
     ``shared_file`` for the children (they get ``--workdir``), then the variants; the folder is
     removed afterwards. Returns ``(the prepared dict, {name: result})``."""
     with tempfile.TemporaryDirectory(prefix=prefix) as workdir:
+        from utils.atomic import write_text  # the children never read a half-written file
+
         shared = prepare(workdir)
-        Path(workdir, shared_file).write_text(json.dumps(shared))
+        write_text(Path(workdir, shared_file), json.dumps(shared))
         results = run_variants(script, names, [*child_argv(), "--workdir", workdir], timeout)
     return shared, results
 
