@@ -488,9 +488,12 @@ def test_bf16_and_channels_last_steps_stay_close_to_fp32():
              torch.rand(2, 40, hp.audio.num_freq, generator=gen), torch.rand(2, 40, hp.audio.num_freq, generator=gen))
     results = {}
     for name, precision, channels_last in (("fp32", "fp32", False), ("bf16", "bf16", False),
-                                           ("channels_last", "fp32", True)):
+                                           ("channels_last", "fp32", True), ("bf16-cl", "bf16", True)):
         model = copy.deepcopy(base)
-        model.channels_last = channels_last
+        if channels_last:  # as VoiceFilter does for train.channels_last: the weights decide the layout
+            model.channels_last = True
+            model.conv.to(memory_format=torch.channels_last)
+            assert model.conv[5].weight.is_contiguous(memory_format=torch.channels_last)  # cnn2, 8 inputs
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         scaler = torch.amp.GradScaler("cpu", enabled=False)
         loss = train_step(model, batch, optimizer, scaler, make_loss(hp), torch.device("cpu"), precision).item()
@@ -498,7 +501,7 @@ def test_bf16_and_channels_last_steps_stay_close_to_fp32():
         with torch.no_grad():
             results[name] = (loss, model(batch[2], batch[0]))
     loss32, mask32 = results["fp32"]
-    for name in ("bf16", "channels_last"):
+    for name in ("bf16", "channels_last", "bf16-cl"):
         loss, mask = results[name]
         assert abs(loss - loss32) <= 0.02 * loss32, name
         assert (mask - mask32).abs().max() < 0.02, name
