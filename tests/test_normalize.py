@@ -230,7 +230,9 @@ def test_ctrl_c_cancels_the_files_not_started(tmp_path):
         write_flac(tmp_path / f"1/10/1-10-{i:04d}.flac", 0.2, seed=i)
     fake = tmp_path / "fakebin"
     fake.mkdir()
-    (fake / "ffmpeg-normalize").write_text('#!/bin/bash\nsleep 0.5\nprintf RIFF > "${@: -1}"\n')
+    # 2 s a file: the 8 files outlast any delay of the Ctrl-C below (with 0.5 s a loaded CI machine once
+    # delivered it after the last file, exit 0)
+    (fake / "ffmpeg-normalize").write_text('#!/bin/bash\nsleep 2\nprintf RIFF > "${@: -1}"\n')
     (fake / "ffmpeg-normalize").chmod(0o755)
     env = script_env(path=f"{fake}:/usr/bin:/bin")
     process = subprocess.Popen([sys.executable, "-m", "prepare.normalize", str(tmp_path / "1"), "-j", "1", "-q"],
