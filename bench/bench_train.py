@@ -26,7 +26,8 @@ channels, batch 8.
 
 Duration on the 2-core development CPU (AMD EPYC with AVX512-BF16): an fp32 step takes about
 22 s and a bf16 step 12 s, so ``--steps 2`` (1 warm-up) runs all five variants in about 6
-minutes. On a CPU without bf16 units (AVX2 only) bf16 is emulated and far slower: one bf16
+minutes, plus the reference convolution's forward and backward after each timed step (1-3 s in
+bf16, up to 9 s in fp32). On a CPU without bf16 units (AVX2 only) bf16 is emulated and far slower: one bf16
 forward pass of a single 3 s clip took about 800 s there, so the bf16 variants reach the
 default 600 s per-variant timeout and show as "timeout after 600 s" (``--variants fp32 fp32-cl
 fp32-dvec-step`` skips them).

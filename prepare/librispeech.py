@@ -85,7 +85,7 @@ def backoff_s(failed_tries: int) -> float:
 def _retry_after_s(err, failed_tries: int) -> float:
     """The wait a busy server asks for (``Retry-After`` in seconds), else the usual backoff;
     never over BACKOFF_MAX_S."""
-    asked = (err.headers or {}).get("Retry-After", "") if hasattr(err, "headers") else ""
+    asked = (getattr(err, "headers", None) or {}).get("Retry-After", "")
     if str(asked).strip().isdigit():
         return min(float(asked), BACKOFF_MAX_S)
     return backoff_s(failed_tries)
