@@ -230,8 +230,7 @@ def test_ctrl_c_cancels_the_files_not_started(tmp_path):
         write_flac(tmp_path / f"1/10/1-10-{i:04d}.flac", 0.2, seed=i)
     fake = tmp_path / "fakebin"
     fake.mkdir()
-    # 2 s a file: the 8 files outlast any delay of the Ctrl-C below (with 0.5 s a loaded CI machine once
-    # delivered it after the last file, exit 0)
+    # 2 s a file: the 8 files outlast any delay of the Ctrl-C below on a loaded machine
     (fake / "ffmpeg-normalize").write_text('#!/bin/bash\nsleep 2\nprintf RIFF > "${@: -1}"\n')
     (fake / "ffmpeg-normalize").chmod(0o755)
     env = script_env(path=f"{fake}:/usr/bin:/bin")
