@@ -230,8 +230,7 @@ def test_ctrl_c_cancels_the_files_not_started(tmp_path):
         write_flac(tmp_path / f"1/10/1-10-{i:04d}.flac", 0.2, seed=i)
     fake = tmp_path / "fakebin"
     fake.mkdir()
-    # 2 s a file: the 8 files outlast any delay of the Ctrl-C below on a loaded machine
-    (fake / "ffmpeg-normalize").write_text('#!/bin/bash\nsleep 2\nprintf RIFF > "${@: -1}"\n')
+    (fake / "ffmpeg-normalize").write_text('#!/bin/bash\nsleep 0.5\nprintf RIFF > "${@: -1}"\n')
     (fake / "ffmpeg-normalize").chmod(0o755)
     env = script_env(path=f"{fake}:/usr/bin:/bin")
     # Ctrl-C's default disposition in the child: an ignored SIGINT is inherited (seen in a full-suite run:
