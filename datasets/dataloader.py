@@ -2,9 +2,11 @@
 
 A training item is ``(dvec [E], target_mag [T, F], mixed_mag [T, F])``, the
 original's order with the reference's d-vector (read from the cache of
-:mod:`datasets.dvec_cache`) in place of its mel. A test item adds the target and
-mixed waveforms for SDR; the mixed phase is recomputed from the mixed wav on
-the device (``Audio.wav2spec_torch``), so it is never stored.
+:mod:`datasets.dvec_cache`) in place of its mel. A test item is ``(dvec, target_mag,
+target_wav, mixed_wav)``: the waveforms for SDR, the target magnitude for the
+test loss; the mixed magnitude and phase are recomputed from the mixed wav on
+the device (``Audio.wav2spec_torch``), so the phase is never stored and the
+``-mixed.pt`` is not read.
 
 The training order is a pure function of ``(seed, epoch)`` (a
 ``DistributedSampler`` permutation, one shard per rank under DDP) and a run
@@ -66,11 +68,12 @@ class VFDataset(Dataset):
     def __getitem__(self, index):
         s = self.samples[index]
         num_freq = self.hp.audio.num_freq
-        item = (self.dvecs[index], read_mag(s.target_mag, num_freq), read_mag(s.mixed_mag, num_freq))
         if not self.with_wavs:
-            return item
+            return self.dvecs[index], read_mag(s.target_mag, num_freq), read_mag(s.mixed_mag, num_freq)
+        # a test item: the mixed magnitude is computed from the mixed wav at validation, so its -mixed.pt
+        # (0.7 MB a sample at the default size) is not read
         rate = self.hp.audio.sample_rate
-        return item + (read_wav(s.target_wav, rate), read_wav(s.mixed_wav, rate))
+        return self.dvecs[index], read_mag(s.target_mag, num_freq), read_wav(s.target_wav, rate), read_wav(s.mixed_wav, rate)
 
 
 def build_dataset(hp, split_dir, embedder, with_wavs=False, limit=0, write_cache=True, progress=True):
@@ -146,14 +149,14 @@ def _pad_stack(tensors):
 
 
 def collate_test(batch):
-    """Test items -> ``(dvec [B, E], target_mag, mixed_mag [B, T, F], target_wav, mixed_wav [B, N],
-    frames [B], lengths [B])``; samples of different lengths are zero-padded (frames and lengths
-    give the true sizes)."""
-    dvec, target_mag, mixed_mag, target_wav, mixed_wav = zip(*batch, strict=True)
-    frames = torch.tensor([m.size(0) for m in mixed_mag])
+    """Test items -> ``(dvec [B, E], target_mag [B, T, F], target_wav, mixed_wav [B, N], frames [B],
+    lengths [B])``; samples of different lengths are zero-padded (frames and lengths give the true
+    sizes)."""
+    dvec, target_mag, target_wav, mixed_wav = zip(*batch, strict=True)
+    frames = torch.tensor([m.size(0) for m in target_mag])
     lengths = torch.tensor([w.size(0) for w in mixed_wav])
-    return (torch.stack(dvec), _pad_stack(target_mag), _pad_stack(mixed_mag), _pad_stack(target_wav),
-            _pad_stack(mixed_wav), frames, lengths)
+    return (torch.stack(dvec), _pad_stack(target_mag), _pad_stack(target_wav), _pad_stack(mixed_wav), frames,
+            lengths)
 
 
 def create_dataloader(hp, dataset, train, device, seed=0, rank=0, world_size=1):

@@ -121,6 +121,22 @@ def test_validation_of_samples_longer_than_a_chunk_equals_evaluate(tmp_path):
     assert np.isfinite(result.test_loss)
 
 
+def test_validation_does_not_read_the_mixed_spectrograms(tmp_path):
+    """The mixed magnitude comes from the mixed wav: test samples whose -mixed.pt is unreadable validate
+    to the same figures (and the file is never opened, so it costs no I/O)."""
+    config = write_config(tmp_path / "tiny-test.yaml")
+    make_dataset(tmp_path, config, n_train=0, n_test=3)
+    hp, _, checkpoint, _ = make_tiny_setup(tmp_path / "model")
+    embedder = make_embedder(tmp_path / "embedder.pt", config)
+    before = validate(HParam(config), embedder, checkpoint, tmp_path / "test", batch_size=2)
+    mixed = sorted((tmp_path / "test").glob("*-mixed.pt"))
+    assert len(mixed) == 3
+    for path in mixed:
+        path.write_bytes(b"not a tensor")
+    after = validate(HParam(config), embedder, checkpoint, tmp_path / "test", batch_size=2)
+    assert after.count == before.count == 3
+    assert after.sdr == before.sdr and after.test_loss == before.test_loss
+
 def test_long_input_keeps_the_whole_mask(official_tiny):
     """A chunked input's mask and magnitude cover the whole input, and the magnitude is the whole-file one."""
     hp = HParam(official_tiny["config"])

@@ -37,8 +37,8 @@ def _as_list(batch):
 
 
 class Validator:
-    """Scores a model on the test set of ``loader`` (test items ``(dvec, target_mag, mixed_mag,
-    target_wav, mixed_wav)``): mean test loss and median SDR of the org estimate against the
+    """Scores a model on the test set of ``loader`` (test items ``(dvec, target_mag, target_wav,
+    mixed_wav)``): mean test loss and median SDR of the org estimate against the
     target wav, as evaluate.py computes them.
 
     The test loss is the training loss of ``mag * mask`` against the stored ``-target.pt``,
@@ -69,7 +69,7 @@ class Validator:
         magnitude wait in ``clean``."""
         index = 0
         for batch in self.samples:
-            for dvec, target_mag, _, target_wav, mixed_wav in batch:
+            for dvec, target_mag, target_wav, mixed_wav in batch:
                 mixed, target = mixed_wav.numpy(), target_wav.numpy()
                 check_lengths(mixed, target, f"test sample {index}'s -mixed.wav", "its -target.wav")
                 clean[index] = (mixed, target, target_mag)
