@@ -73,7 +73,8 @@ class VFDataset(Dataset):
         # a test item: the mixed magnitude is computed from the mixed wav at validation, so its -mixed.pt
         # (0.7 MB a sample at the default size) is not read
         rate = self.hp.audio.sample_rate
-        return self.dvecs[index], read_mag(s.target_mag, num_freq), read_wav(s.target_wav, rate), read_wav(s.mixed_wav, rate)
+        return (self.dvecs[index], read_mag(s.target_mag, num_freq), read_wav(s.target_wav, rate),
+                read_wav(s.mixed_wav, rate))
 
 
 def build_dataset(hp, split_dir, embedder, with_wavs=False, limit=0, write_cache=True, progress=True):
