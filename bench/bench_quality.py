@@ -56,7 +56,12 @@ RECIPES = {
     "power-law": {"train": {"loss": "power_law"}},
     # warm-up over the first tenth of --steps, then down to 5 % of the rate at the last step
     "warmup-cosine": {"train": {"lr_schedule": "warmup_cosine", "warmup_steps": "STEPS/10"}},
+    # the demo's network (synthetic voices, 6000 steps, past its plateau) fine-tuned on the real pieces
+    "warm-start": {},
 }
+# trainer.py flags of a recipe, beside its config changes
+RECIPE_FLAGS = {"warm-start": ["--init_from", str(ROOT / "assets" / "demo-tiny-6000.pt")]}
+POLL_SECONDS = 15  # how often a running trainer's folder is looked at for checkpoints to score
 
 
 def parse_args(argv=None):
@@ -82,6 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--threads", type=int, default=0, help="CPU threads of each trainer (default: torch's)")
     p.add_argument("--batch_size", type=int, default=None, help="training batch (default: the size's config)")
+    p.add_argument("--channels_last", action="store_true",
+                   help="train with train.channels_last (the same model, a faster step on CPUs)")
     p.add_argument("--curve_samples", type=int, default=40, help="test mixtures scored at each curve point")
     p.add_argument("--final_samples", type=int, default=0,
                    help="test mixtures scored with the last checkpoint (0: all of them)")
@@ -109,6 +116,8 @@ def parse_args(argv=None):
         value = getattr(args, name)
         if value is not None and value < 1:
             p.error(f"--{name} must be at least 1, got {value}")
+    if "warm-start" in args.recipe and args.size != "tiny":
+        p.error("--recipe warm-start starts from the demo's checkpoint, a tiny network: use --size tiny")
     if "warmup-cosine" in args.recipe and not args.steps:
         p.error("--recipe warmup-cosine needs --steps (its decay ends at the last step)")
     if args.minutes is not None and args.minutes <= 0:
@@ -143,6 +152,8 @@ def run_config(args, libri_root, test_dir, seed, reverse, recipe):
     })
     if args.batch_size:
         sections["train"]["batch_size"] = args.batch_size
+    if args.channels_last:
+        sections["train"]["channels_last"] = True
     recipe_changes = json.loads(json.dumps(RECIPES[recipe]).replace('"STEPS/10"', str(max(1, (args.steps or 0) // 10))))
     _merge(sections, recipe_changes)
     return "\n---\n".join(yaml.safe_dump({k: v}, sort_keys=False) for k, v in sections.items())
@@ -152,9 +163,11 @@ def run_name(args, seed, reverse, recipe):
     return f"{args.size}-{recipe}-{'reverse' if reverse else 'normal'}-seed{seed}"
 
 
-def train(args, run_dir, config_text, device):
+def train(args, run_dir, config_text, device, recipe="original", on_checkpoint=None):
     """Train one model in ``run_dir`` (unless it finished before with the same config); returns the
-    run's record: start and end times, exit code, steps."""
+    run's record: start and end times, exit code, steps. While the trainer runs, ``on_checkpoint(start)``
+    is called every few seconds (scoring the checkpoints written so far, so that a run cut short
+    still leaves its curve)."""
     record_path = run_dir / "run.json"
     if record_path.is_file():
         record = json.loads(record_path.read_text())
@@ -165,7 +178,7 @@ def train(args, run_dir, config_text, device):
     config = run_dir / "config.yaml"
     write_text(config, config_text)
     cmd = [sys.executable, str(ROOT / "trainer.py"), "-c", str(config), "-e", EMBEDDER, "-m", "model",
-           "-b", str(run_dir), "--device", device, "--overwrite"]
+           "-b", str(run_dir), "--device", device, "--overwrite", *RECIPE_FLAGS.get(recipe, [])]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     print(f"{run_dir.name}: training ({f'{args.steps} steps' if args.steps else f'{args.minutes} min'})",
@@ -173,8 +186,17 @@ def train(args, run_dir, config_text, device):
     start = time.time()
     with open(run_dir / "train.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        deadline = start + args.minutes * 60 if args.minutes else None
         try:
-            proc.wait(timeout=args.minutes * 60 if args.minutes else None)
+            while proc.poll() is None:
+                left = None if deadline is None else deadline - time.time()
+                if left is not None and left <= 0:
+                    raise subprocess.TimeoutExpired(cmd, args.minutes * 60)
+                try:
+                    proc.wait(timeout=POLL_SECONDS if left is None else min(POLL_SECONDS, left))
+                except subprocess.TimeoutExpired:
+                    if on_checkpoint is not None:
+                        on_checkpoint(start)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGTERM)  # the trainer checkpoints the step it is at, then exits 143
             proc.wait()
@@ -222,7 +244,11 @@ def main(argv=None):
                         continue
                     record = json.loads((run_dir / "run.json").read_text())
                 else:
-                    record = train(args, run_dir, text, device)
+                    def score_so_far(start, run_dir=run_dir, name=name):
+                        curve = quality_report.score_curve(run_dir, start, data["test_dir"], torch_device,
+                                                           args.curve_samples, args.jobs, MODES)
+                        write_text(run_dir / "curve.json", json.dumps({"name": name, "curve": curve}, indent=1))
+                    record = train(args, run_dir, text, device, recipe, on_checkpoint=score_so_far)
                 scored = quality_report.score_run(run_dir, record, data["test_dir"], torch_device, args.curve_samples,
                                                   args.final_samples, args.jobs, MODES)
                 runs.append({"name": name, "recipe": recipe, "reverse": reverse, "seed": seed, **scored})

@@ -45,17 +45,12 @@ def _load(path, device):
     return load_separator(None, path, "resemblyzer", device, batch_size=8)
 
 
-def score_run(run_dir, record, test_dir, device, curve_samples, final_samples, jobs, modes):
-    """The curve (every checkpoint on the first ``curve_samples`` test mixtures) and the final scores
-    (the last checkpoint on the first ``final_samples``, 0: all of them, with evaluate.py's
-    report.json, per_sample.csv and scatter in ``run_dir/final``); each scoring is kept (``run_dir/scores``,
-    ``run_dir/final``) and reused."""
-    run_dir = Path(run_dir)
-    found = checkpoints(run_dir)
+def score_curve(run_dir, start, test_dir, device, curve_samples, jobs, modes):
+    """The curve so far: every checkpoint of the run on the first ``curve_samples`` test mixtures, each
+    point scored once and kept in ``run_dir/scores`` (so it can be called while the run trains)."""
     curve = []
-    for step, path in sorted(found.items()):
-        minutes = (os.path.getmtime(path) - record["start"]) / 60
-        cached = run_dir / "scores" / f"step{step}-n{curve_samples}.json"
+    for step, path in sorted(checkpoints(run_dir).items()):
+        cached = Path(run_dir) / "scores" / f"step{step}-n{curve_samples}.json"
         if cached.is_file():
             modes_summary = json.loads(cached.read_text())
         else:
@@ -65,7 +60,19 @@ def score_run(run_dir, record, test_dir, device, curve_samples, final_samples, j
             modes_summary = _modes_summary(summarize(rows, list(modes), info["targets"]))
             cached.parent.mkdir(parents=True, exist_ok=True)
             write_text(cached, json.dumps(modes_summary))
+        minutes = (os.path.getmtime(path) - start) / 60
         curve.append({"step": step, "minutes": round(minutes, 2), "modes": modes_summary})
+    return curve
+
+
+def score_run(run_dir, record, test_dir, device, curve_samples, final_samples, jobs, modes):
+    """The curve (every checkpoint on the first ``curve_samples`` test mixtures) and the final scores
+    (the last checkpoint on the first ``final_samples``, 0: all of them, with evaluate.py's
+    report.json, per_sample.csv and scatter in ``run_dir/final``); each scoring is kept (``run_dir/scores``,
+    ``run_dir/final``) and reused."""
+    run_dir = Path(run_dir)
+    found = checkpoints(run_dir)
+    curve = score_curve(run_dir, record["start"], test_dir, device, curve_samples, jobs, modes)
     last_step, last = max(found.items())
     final_dir = run_dir / "final"
     report_path = final_dir / "report.json"
