@@ -110,13 +110,14 @@ def describe_machine(device):
     """A dict of what the figures depend on (printed above each table, stored in the JSON)."""
     import torch
 
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    from utils.precision import cpu_bf16_support
+
     info = {
         "cpu": cpu_model(),
         "cpu_flags": cpu_flags(),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "cpu_native_bf16": bool(check()) if check is not None else None,
+        "cpu_bf16": cpu_bf16_support(),  # native, converted or none (utils.precision)
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": str(device),
@@ -129,7 +130,7 @@ def describe_machine(device):
 
 def machine_line(info):
     parts = [f"CPU {info['cpu']} ({info['cores']} cores, torch threads {info['torch_threads']})",
-             f"native CPU bf16: {info['cpu_native_bf16']}", f"torch {info['torch']}", f"device {info['device']}"]
+             f"CPU bf16: {info['cpu_bf16']}", f"torch {info['torch']}", f"device {info['device']}"]
     if info.get("gpu"):
         parts.append(f"GPU {info['gpu']}")
     if info.get("load_average"):

@@ -80,13 +80,11 @@ def conv_training_reference(device, channels, frames, freq, batch, precision):
 
 
 def native_bf16(device):
-    """Whether bf16 runs on real units here (a GPU, or a CPU with AVX512-BF16/AMX)."""
-    import torch
+    """Whether bf16 runs here without PyTorch's emulation (a GPU, or a CPU whose oneDNN runs bf16
+    convolutions: utils.precision.cpu_runs_bf16)."""
+    from utils.precision import cpu_runs_bf16
 
-    if device.type != "cpu":
-        return True
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    return bool(check()) if check is not None else False
+    return device.type != "cpu" or cpu_runs_bf16()
 
 
 def measure_peaks(device, channels, frames, freq, batch, bf16=True):

@@ -11,16 +11,28 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from utils.precision import cpu_runs_bf16
+
 # (kernel, time dilation) of cnn1..cnn7; cnn8 is a 1x1 projection to 8 channels.
 _CONV_LAYOUT = [((1, 7), 1), ((7, 1), 1), ((5, 5), 1), ((5, 5), 2), ((5, 5), 4), ((5, 5), 8), ((5, 5), 16)]
 PROJ_CHANNELS = 8
+
+
+def _fused_conv_relu(x, conv, dtype):
+    """relu(conv(x)) in one oneDNN call, in ``dtype``."""
+    c = conv
+    weight, bias = c.weight.to(dtype), None if c.bias is None else c.bias.to(dtype)
+    return torch.ops.mkldnn._convolution_pointwise(x.to(dtype), weight, bias, list(c.padding), list(c.stride),
+                                                   list(c.dilation), c.groups, "relu", [], "")
 
 
 class ConvReLU(nn.Module):
     """relu(conv(x)) for inference, in one oneDNN call on CPU (the ReLU applied as the
     convolution writes its output: one pass over the activations less per layer, measured
     6-8 % of a dilated 5x5 layer's time; the same values). Autocast is applied by hand, as
-    for ``nn.Conv2d``: the fused call is not on autocast's lists."""
+    for ``nn.Conv2d``: the fused call is not on autocast's lists. In bf16 the fused call is
+    made only where oneDNN runs bf16 convolutions (:func:`utils.precision.cpu_runs_bf16`);
+    elsewhere the plain convolution runs (oneDNN refuses the fused one there)."""
 
     def __init__(self, conv):
         super().__init__()
@@ -30,12 +42,11 @@ class ConvReLU(nn.Module):
         c = self.conv
         fusable = (x.device.type == "cpu" and torch.backends.mkldnn.is_available() and isinstance(c.padding, tuple)
                    and c.padding_mode == "zeros" and not torch.is_grad_enabled())
-        if not fusable:
-            return F.relu(c(x))
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        weight, bias = c.weight.to(dtype), None if c.bias is None else c.bias.to(dtype)
-        return torch.ops.mkldnn._convolution_pointwise(x.to(dtype), weight, bias, list(c.padding), list(c.stride),
-                                                       list(c.dilation), c.groups, "relu", [], "")
+        if not fusable or (dtype == torch.bfloat16 and not cpu_runs_bf16()) or \
+                dtype not in (torch.float32, torch.bfloat16):
+            return F.relu(c(x))
+        return _fused_conv_relu(x, c, dtype)
 
 
 def _same_padding(kernel, dilation):

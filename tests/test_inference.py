@@ -15,7 +15,7 @@ from model.model import VoiceFilter
 from utils.audio import load_wav
 from utils.checkpoint import save_checkpoint
 from utils.hparams import HParam
-from utils.precision import cpu_has_native_bf16
+from utils.precision import BF16_ENV, cpu_has_native_bf16, cpu_runs_bf16
 from utils.separation import INV_DIV_EPS, MASK_MODES, Separator, apply_mask, config_mismatches, load_separator
 
 RATE = 16000
@@ -288,13 +288,33 @@ def test_checkpoint_of_a_fitting_but_different_config_warns(tiny, tmp_path, capl
     assert "audio.hop_length: 100 in the checkpoint, 160 in -c" in caplog.text
 
 
+@pytest.mark.skipif(not cpu_runs_bf16(), reason="this CPU cannot run bf16 convolutions (fp32 runs instead)")
 def test_bf16_precision_is_close_to_fp32(tiny, tiny_separator):
     wav = load_wav(tiny["mixes"] / "mix1.wav")
     dvec = tiny_separator.reference_dvec(load_wav(tiny["reference"]))
     fast = Separator(tiny["hp"], tiny_separator.model, tiny_separator.embedder, torch.device("cpu"),
                      precision="bf16")
+    assert fast.precision == "bf16"
     reference = tiny_separator.separate(wav, dvec, ["org"]).wavs["org"]
     assert snr_db(reference, fast.separate(wav, dvec, ["org"]).wavs["org"]) > 20
+
+
+def test_bf16_on_a_cpu_that_cannot_run_it_is_fp32_with_one_warning(tiny, tmp_path):
+    # the decision forced: on an AVX2-only CPU oneDNN refuses bf16 convolutions (a traceback before)
+    env = {**SCRIPT_ENV, BF16_ENV: "none"}
+    runs = {}
+    for name, flags in (("fp32", []), ("bf16", ["--precision", "bf16"])):
+        runs[name] = subprocess.run([sys.executable, str(ROOT / "inference.py"),
+                                     *map(str, base_args(tiny, tmp_path / name, "-m", tiny["mixes"] / "mix1.wav",
+                                                         "--channels_last", *flags))],
+                                    capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+        assert runs[name].returncode == 0, runs[name].stderr
+    warnings = [line for line in runs["bf16"].stderr.splitlines() if "bfloat16" in line]
+    assert len(warnings) == 1 and "fp32 runs instead" in warnings[0], runs["bf16"].stderr
+    assert "Traceback" not in runs["bf16"].stderr
+    ours, _ = sf.read(tmp_path / "bf16" / "result.wav", dtype="float32")
+    fp32, _ = sf.read(tmp_path / "fp32" / "result.wav", dtype="float32")
+    assert np.array_equal(ours, fp32)
 
 
 # ---- single, batch, folder, stereo, plot -----------------------------------------------------------

@@ -241,6 +241,17 @@ def test_compact_checkpoint_halves_the_file_and_resumes_close(data):
             assert (got[key] - value).abs().max() < 0.01, key
 
 
+def test_bf16_training_on_a_cpu_that_cannot_run_it_is_fp32(data, monkeypatch, caplog):
+    from utils.precision import BF16_ENV
+
+    monkeypatch.setenv(BF16_ENV, "none")
+    config = write_config(data / "bf16-none.yaml", {"train": {"max_steps": 1, "precision": "bf16"}})
+    caplog.set_level(logging.INFO)
+    assert train(data, "bf16-none", config) == 0
+    assert "train.precision bf16: this CPU cannot run bfloat16 convolutions" in caplog.text
+    assert "precision fp32" in caplog.text
+
+
 def test_bf16_on_cpu(data):
     config = write_config(data / "bf16.yaml", {"train": {"max_steps": 1, "precision": "bf16"}})
     assert train(data, "bf16", config) == 0

@@ -236,7 +236,7 @@ class Separator:
 
     def __init__(self, hp, model, embedder, device, precision="fp32", chunk_seconds=CHUNK_SECONDS,
                  overlap_seconds=OVERLAP_SECONDS, batch_size=BATCH_SIZE, eps=INV_DIV_EPS):
-        check_precision(precision, device, "--precision")
+        precision = check_precision(precision, device, "--precision")  # fp32 where a CPU cannot run bf16
         self.hp, self.model, self.embedder, self.device = hp, model, embedder, device
         self.audio = Audio(hp)
         self.precision, self.eps, self.batch_size = precision, eps, max(1, int(batch_size))

@@ -279,7 +279,7 @@ def check_settings(hp, device, checkpoint_path=None, init_from=None):
     """What can be checked before any compute; returns the train and test folders."""
     if hp.train.max_steps < 0 or hp.train.validation_samples < 0:
         raise UserError("train.max_steps and train.validation_samples must be 0 or positive")
-    check_precision(hp.train.precision, device, "train.precision")
+    hp.train.precision = check_precision(hp.train.precision, device, "train.precision")
     if hp.data.mixing == "precomputed" and hp.data.reverse_data:
         raise UserError("data.reverse_data (--reverse_data) applies to online mixing; precomputed data is reversed "
                         "when generated: generator.py --reverse_data True")
