@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from utils.cli import UserErrorParser, add_bool_flag
+from reverse_voicefilter.core.cli import UserErrorParser, add_bool_flag
 
 ROOT = Path(__file__).resolve().parent
 CONFIG = ROOT / "config" / "tiny.yaml"
@@ -73,7 +73,7 @@ def main(argv=None):
                       "--train_dir", data / "train", "--test_dir", data / "test",
                       "--max_steps", last_step, "--device", "cpu", *resume])
     if args.export:
-        from utils.checkpoint import compact_checkpoint  # here: torch loads only when needed
+        from reverse_voicefilter.core.checkpoint import compact_checkpoint  # here: torch loads only when needed
         compact_checkpoint(chkpt, args.export)
         print(f"\nwrote {args.export} (the checkpoint at step {last_step}, 16-bit)")
     sample = "000000"

@@ -9,8 +9,14 @@ TensorBoard events to ``BASE/logs/NAME``. The procedure lives in :mod:`embedding
 """
 import logging
 
-from utils.cli import UserErrorParser, add_device_flag, add_threads_flag, apply_threads, setup_console_logging
-from utils.errors import UserError, run_cli
+from reverse_voicefilter.core.cli import (
+    UserErrorParser,
+    add_device_flag,
+    add_threads_flag,
+    apply_threads,
+    setup_console_logging,
+)
+from reverse_voicefilter.core.errors import UserError, run_cli
 
 
 def build_parser():

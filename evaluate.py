@@ -15,8 +15,8 @@ import logging
 import os
 import sys
 
-from utils.atomic import remove_stale_temporaries
-from utils.cli import (
+from reverse_voicefilter.core.atomic import remove_stale_temporaries
+from reverse_voicefilter.core.cli import (
     UserErrorParser,
     add_bool_flag,
     add_device_flag,
@@ -25,8 +25,8 @@ from utils.cli import (
     pick_device,
     setup_console_logging,
 )
-from utils.errors import UserError, run_cli
-from utils.hparams import HParam
+from reverse_voicefilter.core.errors import UserError, run_cli
+from reverse_voicefilter.core.hparams import HParam
 from utils.separation_options import (
     BATCH_SIZE,
     DEFAULT_FACTOR,

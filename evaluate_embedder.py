@@ -13,7 +13,7 @@ import logging
 import time
 
 from embedding.config import load_ge2e_config
-from utils.cli import (
+from reverse_voicefilter.core.cli import (
     UserErrorParser,
     add_device_flag,
     add_threads_flag,
@@ -22,8 +22,8 @@ from utils.cli import (
     pick_device,
     setup_console_logging,
 )
-from utils.errors import UserError, run_cli
-from utils.hparams import DEFAULT_CONFIG
+from reverse_voicefilter.core.errors import UserError, run_cli
+from reverse_voicefilter.core.hparams import DEFAULT_CONFIG
 
 logger = logging.getLogger("evaluate_embedder")
 

@@ -12,9 +12,9 @@ import signal
 
 from datasets.generation import default_processes, generate
 from datasets.speakers import DEFAULT_TEST_SUBSETS, DEFAULT_TRAIN_SUBSETS, read_speaker_list
-from utils.cli import UserErrorParser, add_bool_flag, setup_console_logging
-from utils.errors import UserError, run_cli
-from utils.hparams import HParam
+from reverse_voicefilter.core.cli import UserErrorParser, add_bool_flag, setup_console_logging
+from reverse_voicefilter.core.errors import UserError, run_cli
+from reverse_voicefilter.core.hparams import HParam
 
 
 def build_parser():

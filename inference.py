@@ -13,7 +13,7 @@ import argparse
 import logging
 import sys
 
-from utils.cli import (
+from reverse_voicefilter.core.cli import (
     UserErrorParser,
     add_bool_flag,
     add_device_flag,
@@ -22,8 +22,9 @@ from utils.cli import (
     pick_device,
     setup_console_logging,
 )
-from utils.errors import UserError, run_cli
-from utils.hparams import HParam
+from reverse_voicefilter.core.errors import UserError, run_cli
+from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.core.startup import bulk_imports, freeze_at_exit
 from utils.separation_options import (
     BATCH_SIZE,
     CHUNK_SECONDS,
@@ -42,7 +43,6 @@ from utils.separation_options import (
     positive_float,
     positive_int,
 )
-from utils.startup import bulk_imports, freeze_at_exit
 
 
 def build_parser():
@@ -124,8 +124,8 @@ def report_failures(failed, total):
 
 
 if __name__ == "__main__":
-    from utils.allocator import reuse_freed_memory
+    from reverse_voicefilter.core.allocator import reuse_freed_memory
 
-    reuse_freed_memory()  # fp32 activations reuse each other's memory (utils/allocator.py)
+    reuse_freed_memory()  # fp32 activations reuse each other's memory (reverse_voicefilter/core/allocator.py)
     freeze_at_exit()
     run_cli(main)

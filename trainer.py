@@ -8,9 +8,9 @@ starts a new run from another run's weights. ``--libri_dir ROOT`` (or
 ``torchrun --nproc_per_node N trainer.py ...``. The procedure lives in
 :mod:`utils.train`.
 """
-from utils.cli import UserErrorParser, add_bool_flag, add_device_flag, add_threads_flag
-from utils.errors import run_cli
-from utils.hparams import HParam
+from reverse_voicefilter.core.cli import UserErrorParser, add_bool_flag, add_device_flag, add_threads_flag
+from reverse_voicefilter.core.errors import run_cli
+from reverse_voicefilter.core.hparams import HParam
 
 
 def build_parser():

@@ -25,7 +25,7 @@ folder is absent (the table says so). A line before the tables gives the start-u
 Duration at the defaults (config/default.yaml) on the 2-core development CPU (AMD EPYC with
 AVX512-BF16): about 4 minutes for all variants, most of it the 60 s mixtures. On a CPU whose
 oneDNN cannot run bf16 convolutions (AVX2 only) the bf16 variants are left out: inference.py runs
-fp32 there (utils.precision), and emulated bf16 took about 800 s for one 3 s clip.
+fp32 there (reverse_voicefilter.core.precision), and emulated bf16 took about 800 s for one 3 s clip.
 ``--quick`` (config/tiny.yaml): about 2 minutes.
 
     .venv/bin/python bench/bench_inference.py
@@ -93,7 +93,7 @@ def _speech(data):
     """(reference, stream of speaker A, stream of speaker B) from test-other, or None."""
     import numpy as np
 
-    from utils.audio import load_wav
+    from reverse_voicefilter.core.audio import load_wav
 
     speakers = sorted(p for p in Path(data, "test-other").glob("*") if p.is_dir())
     if len(speakers) < 2:
@@ -112,9 +112,9 @@ def prepare(args, workdir):
     import torch
 
     from model.model import VoiceFilter
-    from utils.audio import save_wav
-    from utils.checkpoint import save_checkpoint
-    from utils.hparams import HParam
+    from reverse_voicefilter.core.audio import save_wav
+    from reverse_voicefilter.core.checkpoint import save_checkpoint
+    from reverse_voicefilter.core.hparams import HParam
 
     workdir = Path(workdir)
     speech = _speech(args.data) if Path(args.data, "test-other").is_dir() else None
@@ -175,8 +175,8 @@ def run_model(args, files, precision, channels_last, fold, device):
     import torch
 
     from model.model import VoiceFilter
-    from utils.audio import Audio, load_wav
-    from utils.hparams import HParam
+    from reverse_voicefilter.core.audio import Audio, load_wav
+    from reverse_voicefilter.core.hparams import HParam
     from utils.separation import Separator
 
     hp = HParam(args.config)
@@ -222,7 +222,7 @@ def run_variant(args, name):
     common.set_allocator(args, "reuse")
     device = common.pick(args.device)
     if name == roofline.PEAKS:  # the convolution at the frames of the shortest mixture, batch 1
-        from utils.hparams import HParam
+        from reverse_voicefilter.core.hparams import HParam
 
         hp = HParam(args.config)
         frames = 1 + int(min(args.durations) * hp.audio.sample_rate) // hp.audio.hop_length

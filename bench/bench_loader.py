@@ -116,7 +116,7 @@ def run_variant(args, name):
     import torch
 
     from model.model import VoiceFilter
-    from utils.hparams import HParam
+    from reverse_voicefilter.core.hparams import HParam
     from utils.train import make_loss, make_optimizer, train_step
 
     device = common.pick(args.device)

@@ -44,7 +44,7 @@ import quality_data  # noqa: E402
 import quality_report  # noqa: E402
 import yaml  # noqa: E402
 
-from utils.atomic import write_text  # noqa: E402
+from reverse_voicefilter.core.atomic import write_text  # noqa: E402
 
 ROOT = common.ROOT
 EMBEDDER = "resemblyzer"

@@ -28,7 +28,7 @@ Duration on the 2-core development CPU (AMD EPYC with AVX512-BF16): an fp32 step
 22 s and a bf16 step 12 s, so ``--steps 2`` (1 warm-up) runs all five variants in about 6
 minutes, plus the reference convolution's forward and backward after each timed step (1-3 s in
 bf16, up to 9 s in fp32). On a CPU whose oneDNN cannot run bf16 convolutions (AVX2 only) the
-bf16 variants are left out: the trainer runs fp32 there (utils.precision), and emulated bf16 took
+bf16 variants are left out: the trainer runs fp32 there (reverse_voicefilter.core.precision), and emulated bf16 took
 about 800 s for one forward pass of a 3 s clip.
 ``--quick`` (config/tiny.yaml, 2 steps) takes 2-3 minutes.
 
@@ -79,8 +79,8 @@ def run_variant(args, name):
 
     from model.embedder import SpeechEmbedder
     from model.model import VoiceFilter
-    from utils.audio import Audio
-    from utils.hparams import HParam
+    from reverse_voicefilter.core.audio import Audio
+    from reverse_voicefilter.core.hparams import HParam
     from utils.train import make_loss, make_optimizer, train_step
 
     hp = HParam(args.config)
@@ -167,7 +167,7 @@ def main():
     peaks = common.run_variants(__file__, [roofline.PEAKS], common.child_argv(), args.timeout)[roofline.PEAKS]
     peaks = None if "error" in peaks else peaks
     results = common.run_variants(__file__, names, common.child_argv(), args.timeout)
-    from utils.hparams import HParam
+    from reverse_voicefilter.core.hparams import HParam
 
     hp = HParam(args.config)
     frames = 1 + int(hp.data.audio_len * hp.audio.sample_rate) // hp.audio.hop_length

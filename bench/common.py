@@ -62,7 +62,7 @@ def parse(parser):
 def add_allocator_flag(p, default_help):
     """``--allocator``; left out, the benchmark does what the script it measures does (set_allocator)."""
     p.add_argument("--allocator", default=None, choices=["reuse", "glibc"],
-                   help="reuse: freed memory kept for reuse (utils/allocator.py); glibc: the C library's "
+                   help="reuse: freed memory kept for reuse (core/allocator.py); glibc: the C library's "
                         f"defaults; an A/B of that setting (default: {default_help})")
 
 
@@ -70,15 +70,15 @@ def set_allocator(args, default):
     """In a child: ``--allocator``, or where it is left out ``default``, the setting of the measured
     script (the peaks gain from it alike, so they get the same)."""
     if (args.allocator or default) == "reuse":
-        from utils.allocator import reuse_freed_memory
+        from reverse_voicefilter.core.allocator import reuse_freed_memory
 
         reuse_freed_memory()
 
 
 def pick(device_name):
-    """``utils.cli.pick_device``, with a missing device as a one-line error."""
-    from utils.cli import pick_device
-    from utils.errors import UserError
+    """``reverse_voicefilter.core.cli.pick_device``, with a missing device as a one-line error."""
+    from reverse_voicefilter.core.cli import pick_device
+    from reverse_voicefilter.core.errors import UserError
     try:
         return pick_device(device_name)
     except UserError as err:
@@ -110,14 +110,14 @@ def describe_machine(device):
     """A dict of what the figures depend on (printed above each table, stored in the JSON)."""
     import torch
 
-    from utils.precision import cpu_bf16_support
+    from reverse_voicefilter.core.precision import cpu_bf16_support
 
     info = {
         "cpu": cpu_model(),
         "cpu_flags": cpu_flags(),
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "cpu_bf16": cpu_bf16_support(),  # native, converted or none (utils.precision)
+        "cpu_bf16": cpu_bf16_support(),  # native, converted or none (reverse_voicefilter.core.precision)
         "torch": torch.__version__,
         "python": platform.python_version(),
         "device": str(device),
@@ -335,7 +335,7 @@ def run_in_workdir(script, names, timeout, prefix, shared_file, prepare):
     ``shared_file`` for the children (they get ``--workdir``), then the variants; the folder is
     removed afterwards. Returns ``(the prepared dict, {name: result})``."""
     with tempfile.TemporaryDirectory(prefix=prefix) as workdir:
-        from utils.atomic import write_text  # the children never read a half-written file
+        from reverse_voicefilter.core.atomic import write_text  # the children never read a half-written file
 
         shared = prepare(workdir)
         write_text(Path(workdir, shared_file), json.dumps(shared))
@@ -415,7 +415,7 @@ def report(title, info, table, notes=(), json_path=None, payload=None):
     for note in notes:
         print(f"\n{note}")
     if json_path:
-        from utils.atomic import write_text
+        from reverse_voicefilter.core.atomic import write_text
 
         write_text(json_path, json.dumps({"title": title, "machine": info, **(payload or {})}, indent=1) + "\n")
         print(f"\n(results written to {json_path})")

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.atomic import write_text
-from utils.checkpoint import run_checkpoints
+from reverse_voicefilter.core.atomic import write_text
+from reverse_voicefilter.core.checkpoint import run_checkpoints
+from reverse_voicefilter.core.plotting import _save_figure, plt
 from utils.evaluation import evaluate, run_evaluation, summarize
-from utils.plotting import _save_figure, plt
 from utils.scoring import TARGET
 from utils.separation import load_separator
 

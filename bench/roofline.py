@@ -81,8 +81,8 @@ def conv_training_reference(device, channels, frames, freq, batch, precision):
 
 def native_bf16(device):
     """Whether bf16 runs here without PyTorch's emulation (a GPU, or a CPU whose oneDNN runs bf16
-    convolutions: utils.precision.cpu_runs_bf16)."""
-    from utils.precision import cpu_runs_bf16
+    convolutions: reverse_voicefilter.core.precision.cpu_runs_bf16)."""
+    from reverse_voicefilter.core.precision import cpu_runs_bf16
 
     return device.type != "cpu" or cpu_runs_bf16()
 

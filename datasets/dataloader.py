@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from datasets.dvec_cache import load_dvecs, reference_key
 from datasets.samples import list_samples
-from utils.errors import UserError
+from reverse_voicefilter.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from utils.atomic import save_torch
-from utils.audio import load_wav
+from reverse_voicefilter.core.atomic import save_torch
+from reverse_voicefilter.core.audio import load_wav
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def load_dvecs(samples, split_dir, embedder, sample_rate, write=True, progress=T
 
     Reads ``<split>/dvec-cache-<embedder.name>.pt``, computes the missing
     references with ``embedder.embed_many`` in batches (references loaded with
-    :func:`utils.audio.load_wav`), and writes the completed cache back when
+    :func:`reverse_voicefilter.core.audio.load_wav`), and writes the completed cache back when
     ``write`` (rank 0 under DDP). A missing or unusable reference file is a
     :class:`UserError` naming it.
     """

@@ -52,10 +52,10 @@ from datasets.samples import (
     write_sample,
 )
 from datasets.speakers import DEFAULT_TEST_SUBSETS, DEFAULT_TRAIN_SUBSETS, Speakers, split_speakers
-from utils import atomic
-from utils.audio import Audio
-from utils.cli import check_writable_dir
-from utils.errors import UserError
+from reverse_voicefilter.core import atomic
+from reverse_voicefilter.core.audio import Audio
+from reverse_voicefilter.core.cli import check_writable_dir
+from reverse_voicefilter.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ SETTINGS_FILE = "generation.json"
 FORMAT_VERSION = 2
 AUDIO_KEYS = ("sample_rate", "n_fft", "hop_length", "win_length", "min_level_db", "ref_level_db")
 # What the workers need, imported once by the fork server rather than once per worker.
-WORKER_MODULES = ["datasets.generation", "utils.hparams", "librosa.effects", "librosa.core.spectrum"]
+WORKER_MODULES = ["datasets.generation", "reverse_voicefilter.core.hparams", "librosa.effects", "librosa.core.spectrum"]
 
 
 # ----------------------------------------------------------------------------- the workers
@@ -75,7 +75,7 @@ _WORKER = {}
 
 def init_worker(hp_str, splits, reverse, vad, float16, in_pool=True):
     """Pool initializer. ``splits``: {split_code: (split_dir, Speakers)}."""
-    from utils.hparams import HParam
+    from reverse_voicefilter.core.hparams import HParam
 
     if in_pool:
         torch.set_num_threads(1)

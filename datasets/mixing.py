@@ -30,7 +30,7 @@ import librosa
 import numpy as np
 import torch
 
-from utils.audio import AudioError, load_wav
+from reverse_voicefilter.core.audio import AudioError, load_wav
 
 logger = logging.getLogger(__name__)
 

@@ -41,8 +41,8 @@ import torch
 from datasets.generation import FORMAT_VERSION, counted, prepare_split_dir, worker_pool
 from datasets.mixing import Mixture
 from datasets.samples import complete_ids, read_record, sample_id, write_manifest, write_sample
-from utils.audio import Audio, load_wav
-from utils.errors import UserError
+from reverse_voicefilter.core.audio import Audio, load_wav
+from reverse_voicefilter.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ _WORKER = {}
 
 
 def init_worker(hp_str, split_dir, reverse, float16, in_pool=True):
-    from utils.hparams import HParam
+    from reverse_voicefilter.core.hparams import HParam
 
     if in_pool:
         torch.set_num_threads(1)

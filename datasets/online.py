@@ -39,8 +39,8 @@ from datasets.dataloader import ResumableSampler, seed_worker
 from datasets.dvec_cache import read_online_shards, write_online_shard
 from datasets.mixing import MAX_ATTEMPTS, SPLIT_CODES, Mixer, candidates_of, plan_candidates, struck_count
 from datasets.speakers import Speakers, read_speaker_list, split_speakers
-from utils.audio import Audio, load_wav
-from utils.errors import UserError
+from reverse_voicefilter.core.audio import Audio, load_wav
+from reverse_voicefilter.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ the ``form`` section of the config, as in the original. The generator also
 keeps one JSON record per sample in ``.records/NNNNNN.json`` and rebuilds
 ``manifest.jsonl`` (the records in id order) from them.
 
-Every file is written atomically (:mod:`utils.atomic`) and the ``-dvec.txt``
+Every file is written atomically (:mod:`reverse_voicefilter.core.atomic`) and the ``-dvec.txt``
 last, so a sample is complete once its ``-dvec.txt`` exists.
 """
 import json
@@ -18,9 +18,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from utils import atomic
-from utils.audio import save_wav
-from utils.errors import UserError
+from reverse_voicefilter.core import atomic
+from reverse_voicefilter.core.audio import save_wav
+from reverse_voicefilter.core.errors import UserError
 
 MANIFEST = "manifest.jsonl"
 RECORDS_DIR = ".records"
@@ -125,7 +125,7 @@ def write_sample(split_dir, form, mixture, audio, float16=False):
     """Write ``mixture`` (a :class:`datasets.mixing.Mixture`) as sample ``mixture.index``; returns its record.
 
     The spectrograms are :func:`datasets.mixing.magnitude` of the written wavs
-    (``audio``: the :class:`utils.audio.Audio` of the config); the ``-dvec.txt``
+    (``audio``: the :class:`reverse_voicefilter.core.audio.Audio` of the config); the ``-dvec.txt``
     comes last: the sample is complete once it exists.
     """
     sample = sample_files(split_dir, form, sample_id(mixture.index))
@@ -179,7 +179,7 @@ def _legacy_temporary(name, other_files):
 
 def remove_stale_temporaries(split_dir, other_files=()):
     """Delete what a killed writer left in ``split_dir`` and its records folder: the temporaries of
-    :mod:`utils.atomic`, and the ``NAME.tmp`` files of earlier versions of this layout. Nothing
+    :mod:`reverse_voicefilter.core.atomic`, and the ``NAME.tmp`` files of earlier versions of this layout. Nothing
     else is touched. Returns the removed paths."""
     removed = []
     for folder in (Path(split_dir), Path(split_dir) / RECORDS_DIR):

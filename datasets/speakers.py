@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from utils.errors import UserError
+from reverse_voicefilter.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

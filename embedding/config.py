@@ -2,7 +2,7 @@
 
 The ``ge2e`` defaults live in config/ge2e-defaults.yaml, apart from config/default.yaml, so
 that VoiceFilter configs and checkpoints are unchanged. A GE2E config file is read as
-utils.hparams reads any config (every section but ``ge2e`` merged over config/default.yaml,
+reverse_voicefilter.core.hparams reads any config (every section but ``ge2e`` merged over config/default.yaml,
 strictly), and its ``ge2e`` section is merged over those defaults just as strictly: an
 unknown key or a value of the wrong type is a UserError naming the file and the key.
 """
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from utils.errors import UserError
-from utils.hparams import Dotdict, HParam, flatten, read_config_text
+from reverse_voicefilter.core.errors import UserError
+from reverse_voicefilter.core.hparams import Dotdict, HParam, flatten, read_config_text
 
 GE2E_DEFAULTS = Path(__file__).resolve().parent.parent / "config" / "ge2e-defaults.yaml"
 SECTION = "ge2e"
@@ -64,7 +64,7 @@ def load_ge2e_config(path=None, text=None):
     rest = "---\n".join(yaml.safe_dump({k: v}, sort_keys=False) for k, v in sections.items())
     try:
         hp = HParam(text=rest)
-    except UserError as err:  # utils.hparams names the text it was given: name the file instead
+    except UserError as err:  # reverse_voicefilter.core.hparams names the text it was given: name the file instead
         raise UserError(str(err).replace("config text", source, 1)) from None
     hp.ge2e = Dotdict(ge2e)
     return hp

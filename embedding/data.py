@@ -21,8 +21,8 @@ import torch
 
 from datasets.speakers import VOXCELEB_TEST_SPEAKERS, read_speaker_list
 from model.embedder import ResemblyzerEncoder
-from utils.audio import load_wav
-from utils.errors import UserError
+from reverse_voicefilter.core.audio import load_wav
+from reverse_voicefilter.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

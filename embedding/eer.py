@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.audio import load_wav
-from utils.errors import UserError
+from reverse_voicefilter.core.audio import load_wav
+from reverse_voicefilter.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

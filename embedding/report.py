@@ -1,6 +1,6 @@
 """What evaluate_embedder.py writes: ``report.json`` and a picture of the scores.
 
-Both through utils.atomic: a run stopped midway leaves the previous files or none.
+Both through reverse_voicefilter.core.atomic: a run stopped midway leaves the previous files or none.
 """
 import json
 import platform
@@ -8,8 +8,8 @@ import platform
 import numpy as np
 
 from embedding.eer import error_rates
-from utils.atomic import atomic_path, write_text
-from utils.plotting import save_histogram
+from reverse_voicefilter.core.atomic import atomic_path, write_text
+from reverse_voicefilter.core.plotting import save_histogram
 
 PLOTS = ("histogram", "det")
 
@@ -36,7 +36,7 @@ def save_score_histogram(path, result):
 
 def save_det_curve(path, result):
     """The DET curve (miss rate against false-alarm rate on normal-deviate axes), the EER marked."""
-    import matplotlib.pyplot as plt  # utils.plotting has chosen the Agg backend
+    import matplotlib.pyplot as plt  # reverse_voicefilter.core.plotting has chosen the Agg backend
     from scipy.special import ndtri
 
     _, far, frr = error_rates(result["scores"], result["labels"])

@@ -38,12 +38,12 @@ from model.embedder import (
     load_embedder,
     resemblyzer_format,
 )
-from utils.atomic import remove_stale_temporaries, save_torch, write_text
-from utils.audio import Audio, load_wav
-from utils.checkpoint import load_checkpoint, load_model_weights
-from utils.cli import check_writable_dir, pick_device
-from utils.errors import TrainingDiverged, UserError
-from utils.hparams import HParam
+from reverse_voicefilter.core.atomic import remove_stale_temporaries, save_torch, write_text
+from reverse_voicefilter.core.audio import Audio, load_wav
+from reverse_voicefilter.core.checkpoint import load_checkpoint, load_model_weights
+from reverse_voicefilter.core.cli import check_writable_dir, pick_device
+from reverse_voicefilter.core.errors import TrainingDiverged, UserError
+from reverse_voicefilter.core.hparams import HParam
 from utils.train import StopSignals
 
 logger = logging.getLogger(__name__)

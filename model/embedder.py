@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from utils.audio import Audio, mel_basis
-from utils.checkpoint import state_dict_mismatch
-from utils.errors import UserError
+from reverse_voicefilter.core.audio import Audio, mel_basis
+from reverse_voicefilter.core.checkpoint import state_dict_mismatch
+from reverse_voicefilter.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from utils.precision import cpu_runs_bf16
+from reverse_voicefilter.core.precision import cpu_runs_bf16
 
 # (kernel, time dilation) of cnn1..cnn7; cnn8 is a 1x1 projection to 8 channels.
 _CONV_LAYOUT = [((1, 7), 1), ((7, 1), 1), ((5, 5), 1), ((5, 5), 2), ((5, 5), 4), ((5, 5), 8), ((5, 5), 16)]
@@ -31,7 +31,7 @@ class ConvReLU(nn.Module):
     convolution writes its output: one pass over the activations less per layer, measured
     6-8 % of a dilated 5x5 layer's time; the same values). Autocast is applied by hand, as
     for ``nn.Conv2d``: the fused call is not on autocast's lists. In bf16 the fused call is
-    made only where oneDNN runs bf16 convolutions (:func:`utils.precision.cpu_runs_bf16`);
+    made only where oneDNN runs bf16 convolutions (:func:`reverse_voicefilter.core.precision.cpu_runs_bf16`);
     elsewhere the plain convolution runs (oneDNN refuses the fused one there)."""
 
     def __init__(self, conv):

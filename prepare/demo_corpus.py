@@ -44,9 +44,9 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from utils.atomic import atomic_path, remove_stale_temporaries
-from utils.cli import UserErrorParser, check_writable_dir
-from utils.errors import UserError, run_cli
+from reverse_voicefilter.core.atomic import atomic_path, remove_stale_temporaries
+from reverse_voicefilter.core.cli import UserErrorParser, check_writable_dir
+from reverse_voicefilter.core.errors import UserError, run_cli
 
 logger = logging.getLogger(__name__)
 

@@ -40,8 +40,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from utils.cli import UserErrorParser, check_writable_dir
-from utils.errors import UserError, run_cli
+from reverse_voicefilter.core.cli import UserErrorParser, check_writable_dir
+from reverse_voicefilter.core.errors import UserError, run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +190,7 @@ def download(url: str, dest: str | os.PathLike, expected_md5: str | None = None,
     part file is deleted (so a rerun starts clean) and DownloadError is raised.
     Network failures keep the part file, so the next try (after a growing wait) or the
     next run resumes. The part file outlives failed runs on purpose, which is why it is
-    not one of utils.atomic's temporaries; the final name appears in one rename.
+    not one of reverse_voicefilter.core.atomic's temporaries; the final name appears in one rename.
     """
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")

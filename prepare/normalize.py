@@ -8,7 +8,7 @@ and this module and runs it::
 Each ``NAME.flac`` gets ``NAME-norm.wav`` next to it, made by
 ``ffmpeg-normalize NAME.flac -ar 16000 -ac 1`` (EBU R128 loudness
 normalization at its defaults, as the original).  The output is written under
-a utils.atomic temporary name and renamed when complete; files whose output
+a reverse_voicefilter.core.atomic temporary name and renamed when complete; files whose output
 exists are skipped; failures are listed at the end and make the exit status 1,
 as does a folder without any .flac file.
 """
@@ -27,9 +27,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.atomic import atomic_path, remove_stale_temporaries
-from utils.cli import UserErrorParser
-from utils.errors import UserError, run_cli
+from reverse_voicefilter.core.atomic import atomic_path, remove_stale_temporaries
+from reverse_voicefilter.core.cli import UserErrorParser
+from reverse_voicefilter.core.errors import UserError, run_cli
 
 logger = logging.getLogger(__name__)
 

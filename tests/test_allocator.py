@@ -1,4 +1,4 @@
-"""utils/allocator.py: freed activations are reused, not page-faulted afresh (no timing)."""
+"""reverse_voicefilter/core/allocator.py: freed activations are reused, not page-faulted afresh (no timing)."""
 import subprocess
 import sys
 
@@ -7,7 +7,7 @@ from conftest import ROOT
 # Allocates and frees 256 MB four times (numpy: plain malloc) and prints each round's page faults.
 FAULTS = """
 import resource, sys
-from utils.allocator import reuse_freed_memory
+from reverse_voicefilter.core.allocator import reuse_freed_memory
 if sys.argv[1] == "reuse":
     assert reuse_freed_memory()
 import numpy as np

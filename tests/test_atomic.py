@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from utils import atomic
+from reverse_voicefilter.core import atomic
 
 
 def test_save_torch_gives_the_same_bytes_every_time(tmp_path):

@@ -4,8 +4,8 @@ import soundfile as sf
 import torch
 from conftest import tone
 
-from utils.audio import Audio, AudioError, load_wav, save_wav
-from utils.hparams import HParam
+from reverse_voicefilter.core.audio import Audio, AudioError, load_wav, save_wav
+from reverse_voicefilter.core.hparams import HParam
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     import os
     import stat
 
-    from utils.plotting import save_before_after
+    from reverse_voicefilter.core.plotting import save_before_after
 
     old = os.umask(0o022)
     try:
@@ -167,7 +167,7 @@ def test_written_files_get_the_usual_permissions(tmp_path):
 def test_mel_basis_equals_librosa(rate, n_fft, n_mels):
     import librosa
 
-    from utils.audio import mel_basis
+    from reverse_voicefilter.core.audio import mel_basis
 
     expected = librosa.filters.mel(sr=rate, n_fft=n_fft, n_mels=n_mels).astype(np.float32)
     got = mel_basis(rate, n_fft, n_mels)

@@ -31,10 +31,10 @@ def test_time_call_times_each_repeat_and_reports_partials():
 def test_allocator_flag_chooses_whether_freed_memory_is_kept(monkeypatch):
     import argparse
 
-    import utils.allocator
+    import reverse_voicefilter.core.allocator
 
     calls = []
-    monkeypatch.setattr(utils.allocator, "reuse_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(reverse_voicefilter.core.allocator, "reuse_freed_memory", lambda: calls.append(1) or True)
     p = argparse.ArgumentParser()
     common.add_allocator_flag(p, "as the script")
     common.set_allocator(p.parse_args([]), "reuse")     # left out: what the measured script does

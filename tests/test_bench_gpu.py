@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from utils.errors import run_cli
+from reverse_voicefilter.core.errors import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 

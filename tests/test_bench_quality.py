@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import quality_data  # noqa: E402
 
-from utils.errors import UserError  # noqa: E402
+from reverse_voicefilter.core.errors import UserError  # noqa: E402
 
 RATE = 16000
 

@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 
 from prepare import demo_corpus
-from utils.atomic import is_temporary
+from reverse_voicefilter.core.atomic import is_temporary
 
 SMALL = {"train-clean-100": (3, 2), "dev-clean": (2, 2)}
 DURATION = (1.5, 2.5)
@@ -205,8 +205,8 @@ def test_tiny_config_leaves_demo_mixtures_unclipped(speaker_corpus):
     are clipped and an all-pass mask gives the mixture back only to 10-13 dB, a loss the demo's
     evaluation would put on the network."""
     from datasets.mixing import NORM_HEADROOM
-    from utils.audio import Audio
-    from utils.hparams import HParam
+    from reverse_voicefilter.core.audio import Audio
+    from reverse_voicefilter.core.hparams import HParam
     from utils.metrics import sdr
 
     text = (Path(__file__).resolve().parents[1] / "config" / "tiny.yaml").read_text()

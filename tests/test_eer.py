@@ -12,8 +12,8 @@ from conftest import ROOT
 
 from embedding.eer import equal_error_rate, error_rates, folder_trials, read_trials
 from model.embedder import SpeechEmbedder
-from utils.errors import UserError
-from utils.hparams import HParam
+from reverse_voicefilter.core.errors import UserError
+from reverse_voicefilter.core.hparams import HParam
 
 SCRIPT_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -6,9 +6,9 @@ import torch
 from conftest import tone
 
 from model.embedder import SpeechEmbedder, load_embedder
-from utils.audio import Audio, load_wav
-from utils.errors import UserError
-from utils.hparams import HParam
+from reverse_voicefilter.core.audio import Audio, load_wav
+from reverse_voicefilter.core.errors import UserError
+from reverse_voicefilter.core.hparams import HParam
 
 
 def cosine(a, b):

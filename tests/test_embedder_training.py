@@ -20,9 +20,9 @@ from embedding.config import load_ge2e_config
 from embedding.data import split_into_crops
 from embedding.ge2e import GE2ELoss
 from model.embedder import RESEMBLYZER, SpeechEmbedder, load_embedder
-from utils.checkpoint import load_checkpoint
-from utils.errors import UserError
-from utils.hparams import HParam
+from reverse_voicefilter.core.checkpoint import load_checkpoint
+from reverse_voicefilter.core.errors import UserError
+from reverse_voicefilter.core.hparams import HParam
 
 SCRIPT_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -12,8 +12,8 @@ from test_inference import RATE, make_tiny_setup, one_torch_thread, run_main, st
 
 from model.embedder import SpeechEmbedder
 from model.model import VoiceFilter
-from utils.audio import Audio
-from utils.errors import UserError
+from reverse_voicefilter.core.audio import Audio
+from reverse_voicefilter.core.errors import UserError
 from utils.separation import MASK_MODES
 
 SECONDS = 2.0  # tiny.yaml's audio_len
@@ -197,8 +197,8 @@ def test_reversed_data_and_limit(setup, tmp_path):
 
 def test_reversed_flag_and_mixed_manifest(tmp_path):
     from datasets.samples import list_samples
+    from reverse_voicefilter.core.hparams import HParam
     from utils.evaluation import TARGET, decide_targets, split_reversed
-    from utils.hparams import HParam
 
     hp = HParam()
     split = make_test_folder(tmp_path / "a", count=2, manifest=False)
@@ -261,7 +261,7 @@ def model_trained_on(setup, root, reverse):
     state = torch.load(setup["checkpoint"], weights_only=True)
     state["hp_str"] = state["hp_str"].replace("train_dir: ''", f"train_dir: {train}")
     assert str(train) in state["hp_str"]
-    from utils.checkpoint import save_checkpoint
+    from reverse_voicefilter.core.checkpoint import save_checkpoint
 
     return save_checkpoint(state, root / "chkpt.pt")
 

@@ -23,9 +23,9 @@ from datasets.mixing import MAX_ATTEMPTS, SPLIT_CODES, Mixer, magnitude, make_mi
 from datasets.samples import list_samples, read_manifest
 from datasets.speakers import Speakers, split_speakers
 from prepare.demo_corpus import make_corpus
-from utils.audio import Audio
-from utils.errors import UserError, run_cli
-from utils.hparams import HParam
+from reverse_voicefilter.core.audio import Audio
+from reverse_voicefilter.core.errors import UserError, run_cli
+from reverse_voicefilter.core.hparams import HParam
 
 TINY = ROOT / "config" / "tiny.yaml"
 TRAIN_SPEAKERS, TEST_SPEAKERS = 6, 4
@@ -496,7 +496,7 @@ def test_rerun_removes_the_temporaries_a_kill_left_and_nothing_else(tmp_path, co
     out, _ = gen(tmp_path, corpus, hp, train_size=3, test_size=0)
     train = out / "train"
     reference_digest = digest(out)
-    left = [  # what a SIGKILL mid-write leaves: utils.atomic temporaries, and the older NAME.tmp ones
+    left = [  # what a SIGKILL mid-write leaves: core.atomic's temporaries, and the older NAME.tmp ones
         ".000001-mixed.wav.ab12cd34.tmp.wav", ".000002-target.pt.k2j_x9ab.tmp.pt",
         ".records/.000002.json.zz9_aaaa.tmp.json", ".manifest.jsonl.q1w2e3r4.tmp.jsonl",
         ".generation.json.a1b2c3d4.tmp.json", ".dvec-cache-0123abcd.pt.mmmmnnnn.tmp.pt", "000001-mixed.pt.tmp",

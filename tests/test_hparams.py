@@ -1,8 +1,8 @@
 import pytest
 import yaml
 
-from utils.errors import UserError
-from utils.hparams import DEFAULT_CONFIG, HParam, load_hparam
+from reverse_voicefilter.core.errors import UserError
+from reverse_voicefilter.core.hparams import DEFAULT_CONFIG, HParam, load_hparam
 
 
 def write(tmp_path, text, name="c.yaml"):

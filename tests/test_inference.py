@@ -12,10 +12,10 @@ from conftest import ROOT, tone
 
 from model.embedder import SpeechEmbedder, load_embedder
 from model.model import VoiceFilter
-from utils.audio import load_wav
-from utils.checkpoint import save_checkpoint
-from utils.hparams import HParam
-from utils.precision import BF16_ENV, cpu_has_native_bf16, cpu_runs_bf16
+from reverse_voicefilter.core.audio import load_wav
+from reverse_voicefilter.core.checkpoint import save_checkpoint
+from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.core.precision import BF16_ENV, cpu_has_native_bf16, cpu_runs_bf16
 from utils.separation import INV_DIV_EPS, MASK_MODES, Separator, apply_mask, config_mismatches, load_separator
 
 RATE = 16000
@@ -55,7 +55,7 @@ def start_script(script, *args):
 
 def run_main(main, argv, capsys):
     """An entry script's main through run_cli in this process: (exit code, stdout, stderr)."""
-    from utils.errors import run_cli
+    from reverse_voicefilter.core.errors import run_cli
 
     with pytest.raises(SystemExit) as stop:
         run_cli(main, [str(a) for a in argv])
@@ -353,7 +353,7 @@ def test_single_batch_and_folder_give_the_same_outputs(tiny, tiny_separator, tmp
 
 
 def test_paired_references_and_name_clash(tiny, tiny_separator, tmp_path):
-    from utils.errors import UserError
+    from reverse_voicefilter.core.errors import UserError
     from utils.separation import output_plan, pair_references
 
     a, b = Path("x/a.wav"), Path("y/a.wav")
@@ -622,7 +622,7 @@ def test_bad_files_among_several_do_not_stop_the_others(tiny, tmp_path, capsys):
 def test_result_picture_shares_scales_and_has_real_axes(tiny, tiny_separator, tmp_path, monkeypatch):
     """result.png: one colour scale for mixture and outputs, one for mask and gains; seconds and Hz;
     the file names in the title; the inverse modes' panel is the gain they applied."""
-    from utils import plotting
+    from reverse_voicefilter.core import plotting
     from utils.separation import save_result_picture
 
     figures = []

@@ -13,7 +13,7 @@ import pytest
 
 from prepare import librispeech
 from prepare.librispeech import DownloadError
-from utils.errors import UserError
+from reverse_voicefilter.core.errors import UserError
 
 SUBSET = "dev-clean"
 FLAC = f"LibriSpeech/{SUBSET}/84/121123/84-121123-0000.flac"

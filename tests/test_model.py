@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from model.model import VoiceFilter, count_parameters
-from utils.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
-from utils.errors import UserError
-from utils.hparams import HParam
+from reverse_voicefilter.core.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from reverse_voicefilter.core.errors import UserError
+from reverse_voicefilter.core.hparams import HParam
 
 ORIGINAL_KEYS = {f"conv.{i}" for i in (1, 5, 9, 13, 17, 21, 25, 28)} | {
     f"conv.{i}" for i in (2, 6, 10, 14, 18, 22, 26, 29)}

@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 
 from prepare import normalize
-from utils.atomic import is_temporary
+from reverse_voicefilter.core.atomic import is_temporary
 
 pytest.importorskip("ffmpeg_normalize")
 if not shutil.which("ffmpeg"):

@@ -19,11 +19,11 @@ from datasets.online import (
 )
 from datasets.samples import list_samples
 from model.embedder import load_embedder
+from reverse_voicefilter.core.audio import Audio
+from reverse_voicefilter.core.checkpoint import load_checkpoint
+from reverse_voicefilter.core.errors import UserError, run_cli
+from reverse_voicefilter.core.hparams import HParam
 from trainer import main as trainer_main
-from utils.audio import Audio
-from utils.checkpoint import load_checkpoint
-from utils.errors import UserError, run_cli
-from utils.hparams import HParam
 
 ONLINE = {"data": {"audio_len": 1.0, "mixing": "online", "train_subsets": ["train-clean-100"],
                    "epoch_samples": 16},

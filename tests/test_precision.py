@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 import model.model as model_module
 from model.model import ConvReLU
-from utils.errors import UserError
-from utils.precision import (
+from reverse_voicefilter.core.errors import UserError
+from reverse_voicefilter.core.precision import (
     BF16_ENV,
     bf16_grade,
     check_precision,

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
+from reverse_voicefilter.core.errors import UserError
+from reverse_voicefilter.core.hparams import HParam
 from tests.test_trainer import data, read_events, train, write_config  # noqa: F401 (data: fixture)
-from utils.errors import UserError
-from utils.hparams import HParam
 from utils.schedule import apply_schedule, rate_factor
 
 

@@ -14,10 +14,10 @@ import generator
 from datasets.dataloader import build_dataset, create_dataloader
 from model.embedder import load_embedder
 from model.model import VoiceFilter
-from utils.audio import Audio
-from utils.checkpoint import load_checkpoint
-from utils.errors import run_cli
-from utils.hparams import HParam
+from reverse_voicefilter.core.audio import Audio
+from reverse_voicefilter.core.checkpoint import load_checkpoint
+from reverse_voicefilter.core.errors import run_cli
+from reverse_voicefilter.core.hparams import HParam
 from utils.scoring import nan_median, score_sample
 from utils.separation import Separator
 from utils.train import make_loss

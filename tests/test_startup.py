@@ -12,8 +12,8 @@ from conftest import ROOT, tone
 
 from model.embedder import SpeechEmbedder
 from model.model import VoiceFilter
-from utils.checkpoint import load_checkpoint, save_checkpoint
-from utils.hparams import HParam
+from reverse_voicefilter.core.checkpoint import load_checkpoint, save_checkpoint
+from reverse_voicefilter.core.hparams import HParam
 from utils.separation import load_model
 
 # Each costs 0.1-0.4 s of CPU to import and none is needed to separate a file.
@@ -92,7 +92,7 @@ def test_mapped_and_legacy_checkpoints_load_alike(tiny_run, tmp_path):
 def test_resample_equals_librosa(length, rate):
     import librosa
 
-    from utils.audio import resample
+    from reverse_voicefilter.core.audio import resample
 
     wav = np.random.default_rng(length).standard_normal(length).astype(np.float32)
     expected = librosa.resample(wav, orig_sr=rate, target_sr=16000)
@@ -101,13 +101,13 @@ def test_resample_equals_librosa(length, rate):
 
 
 def test_bulk_imports_freezes_a_fresh_process_only():
-    from utils.startup import bulk_imports
+    from reverse_voicefilter.core.startup import bulk_imports
 
     frozen = gc.get_freeze_count()
     with bulk_imports():  # torch is imported here already: nothing changes
         assert gc.isenabled()
     assert gc.get_freeze_count() == frozen
-    code = ("import gc; from utils.startup import bulk_imports\n"
+    code = ("import gc; from reverse_voicefilter.core.startup import bulk_imports\n"
             "with bulk_imports():\n    assert not gc.isenabled()\n    import torch\n"
             "assert gc.isenabled() and gc.get_freeze_count() > 100000")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)

@@ -25,11 +25,11 @@ from conftest import PARITY, ROOT, need
 from datasets.dataloader import ResumableSampler, build_dataset
 from datasets.dvec_cache import cache_path
 from model.embedder import SpeechEmbedder, load_embedder
+from reverse_voicefilter.core.audio import Audio, save_wav
+from reverse_voicefilter.core.checkpoint import compact_checkpoint, load_checkpoint, save_checkpoint
+from reverse_voicefilter.core.errors import TrainingDiverged, UserError, run_cli
+from reverse_voicefilter.core.hparams import HParam
 from trainer import main as trainer_main
-from utils.audio import Audio, save_wav
-from utils.checkpoint import compact_checkpoint, load_checkpoint, save_checkpoint
-from utils.errors import TrainingDiverged, UserError, run_cli
-from utils.hparams import HParam
 from utils.train import StopSignals, make_loss, run_training
 
 RATE = 16000
@@ -242,7 +242,7 @@ def test_compact_checkpoint_halves_the_file_and_resumes_close(data):
 
 
 def test_bf16_training_on_a_cpu_that_cannot_run_it_is_fp32(data, monkeypatch, caplog):
-    from utils.precision import BF16_ENV
+    from reverse_voicefilter.core.precision import BF16_ENV
 
     monkeypatch.setenv(BF16_ENV, "none")
     config = write_config(data / "bf16-none.yaml", {"train": {"max_steps": 1, "precision": "bf16"}})
@@ -261,10 +261,10 @@ def test_bf16_on_cpu(data):
 
 
 def test_keep_freed_memory_is_asked_for_only_by_the_config(data, monkeypatch, caplog):
-    import utils.allocator
+    import reverse_voicefilter.core.allocator
 
     calls = []  # the real switch would change this test process's allocator for the rest of the suite
-    monkeypatch.setattr(utils.allocator, "reuse_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(reverse_voicefilter.core.allocator, "reuse_freed_memory", lambda: calls.append(1) or True)
     assert train(data, "glibc", write_config(data / "glibc.yaml", {"train": {"max_steps": 1}})) == 0
     assert calls == []  # the default: glibc's own allocation, half the peak memory at batch 8
     caplog.set_level(logging.INFO)
@@ -488,7 +488,7 @@ def test_bf16_and_channels_last_steps_stay_close_to_fp32():
     import copy
 
     from model.model import VoiceFilter
-    from utils.hparams import HParam
+    from reverse_voicefilter.core.hparams import HParam
     from utils.train import make_loss, train_step
 
     hp = HParam(str(ROOT / "config" / "tiny.yaml"))

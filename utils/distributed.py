@@ -11,8 +11,8 @@ import torch
 import torch.distributed as torch_dist
 from torch.nn.parallel import DistributedDataParallel
 
-from utils.cli import pick_device
-from utils.errors import UserError
+from reverse_voicefilter.core.cli import pick_device
+from reverse_voicefilter.core.errors import UserError
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 

@@ -34,10 +34,10 @@ from tqdm import tqdm
 from datasets.dvec_cache import load_dvecs, reference_key
 from datasets.generation import SETTINGS_FILE
 from datasets.samples import list_samples, read_manifest
-from utils.atomic import write_text
-from utils.audio import load_wav
-from utils.errors import UserError
-from utils.hparams import HParam
+from reverse_voicefilter.core.atomic import write_text
+from reverse_voicefilter.core.audio import load_wav
+from reverse_voicefilter.core.errors import UserError
+from reverse_voicefilter.core.hparams import HParam
 from utils.scoring import (  # noqa: F401 (TARGET, RESIDUAL, reference_kind, score_sample: re-exported)
     RESIDUAL,
     TARGET,
@@ -361,7 +361,7 @@ def write_report(path, report):
 
 def write_scatter(out_dir, rows, summary):
     """``sdr_before_after.png``: per mode, each sample's SDR of the mixture against its output's."""
-    from utils.plotting import save_before_after
+    from reverse_voicefilter.core.plotting import save_before_after
 
     pairs = {}
     for mode, entry in summary.items():

@@ -21,7 +21,7 @@ convolutions, the trainer's model keeps them):
 """
 import numpy as np
 
-from utils.errors import UserError
+from reverse_voicefilter.core.errors import UserError
 from utils.metrics import sdr, si_sdr
 
 TARGET, RESIDUAL = "target", "mixed_minus_target"

@@ -37,11 +37,11 @@ import torch
 
 from model.embedder import RESEMBLYZER, ResemblyzerEncoder, load_embedder
 from model.model import VoiceFilter
-from utils.audio import Audio, load_wav, save_wav
-from utils.checkpoint import load_checkpoint, load_model_weights
-from utils.errors import UserError
-from utils.hparams import HParam, config_changes
-from utils.precision import autocast, check_precision
+from reverse_voicefilter.core.audio import Audio, load_wav, save_wav
+from reverse_voicefilter.core.checkpoint import load_checkpoint, load_model_weights
+from reverse_voicefilter.core.errors import UserError
+from reverse_voicefilter.core.hparams import HParam, config_changes
+from reverse_voicefilter.core.precision import autocast, check_precision
 from utils.separation_options import (  # noqa: F401 (re-exported: the library's one namespace)
     ALL_MODES,
     BATCH_SIZE,
@@ -505,7 +505,7 @@ def save_result_picture(picture, result, mixture, reference, modes, factor, hp):
     """``result.png``: spectrograms of the mixture and of each output on one scale, and what
     each mode multiplied the mixture by (the mask for org; the gain actually applied for the
     inverse modes, after the clip to the spectrogram's ceiling)."""
-    from utils.plotting import save_spectrograms
+    from reverse_voicefilter.core.plotting import save_spectrograms
 
     mag = result.spectra["mixture"]
     panels, gains = {"mixture": mag}, set()

@@ -7,8 +7,8 @@ import argparse
 import contextlib
 from pathlib import Path
 
-from utils.cli import add_bool_flag, check_writable_dir
-from utils.errors import UserError
+from reverse_voicefilter.core.cli import add_bool_flag, check_writable_dir
+from reverse_voicefilter.core.errors import UserError
 
 # The mask modes, named once: the flags' choices, the outputs' names and the evaluation's rows.
 MASK_MODES = ("org", "inv_div", "inv_sub")

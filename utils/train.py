@@ -33,8 +33,8 @@ from datasets.dataloader import build_dataset, create_dataloader
 from datasets.online import create_online_loader
 from model.embedder import load_embedder
 from model.model import VoiceFilter, count_parameters
-from utils.audio import Audio
-from utils.checkpoint import (
+from reverse_voicefilter.core.audio import Audio
+from reverse_voicefilter.core.checkpoint import (
     BEST_NAME,
     check_run_folder,
     checkpoint_file,
@@ -46,10 +46,10 @@ from utils.checkpoint import (
     save_checkpoint,
     write_config_copy,
 )
-from utils.cli import apply_threads, check_writable_dir
+from reverse_voicefilter.core.cli import apply_threads, check_writable_dir
+from reverse_voicefilter.core.errors import TrainingDiverged, UserError
+from reverse_voicefilter.core.precision import autocast, check_precision
 from utils.distributed import Dist, barrier, is_main_process, setup_distributed, sync_step, wrap
-from utils.errors import TrainingDiverged, UserError
-from utils.precision import autocast, check_precision
 from utils.schedule import apply_schedule
 from utils.training_state import TrainingState, seed_everything
 from utils.validation import Validator
@@ -160,7 +160,8 @@ def run_training(hp, name, base_dir=".", embedder="resemblyzer", checkpoint_path
             cleanup.callback(torch_dist.destroy_process_group)
         apply_threads(threads, logger)
         if hp.train.keep_freed_memory and device.type == "cpu":
-            from utils.allocator import reuse_freed_memory  # before the first activation is allocated
+            # before the first activation is allocated
+            from reverse_voicefilter.core.allocator import reuse_freed_memory
 
             logger.info("freed memory kept for reuse (train.keep_freed_memory): %s", reuse_freed_memory())
         train_dir, test_dir = check_settings(hp, device, checkpoint_path=checkpoint_path, init_from=init_from)

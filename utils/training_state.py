@@ -105,7 +105,7 @@ class TrainingState:
 
     def load_state_dict(self, state, source="the checkpoint"):
         """Continue from a checkpoint dict whose weights are already checked to fit the model
-        (:func:`utils.checkpoint.resume` does that, and the warnings about the config).
+        (:func:`reverse_voicefilter.core.checkpoint.resume` does that, and the warnings about the config).
 
         An original checkpoint (model, optimizer, step, hp_str only) loads too: the position is
         derived from the step, and the data order and random state start afresh (a warning).

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils.errors import UserError
+from reverse_voicefilter.core.errors import UserError
 from utils.scoring import TARGET, check_lengths, nan_mean, nan_median, score_sample
 from utils.separation import Separator
 

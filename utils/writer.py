@@ -10,7 +10,7 @@ set), plus ``step_time`` (seconds per step) and ``learning_rate``; audio
 import numpy as np
 from tensorboardX import SummaryWriter
 
-from utils.plotting import spectrogram_image
+from reverse_voicefilter.core.plotting import spectrogram_image
 
 
 class MyWriter(SummaryWriter):

@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.atomic import write_bytes, write_text  # noqa: E402  (after the path tweak)
-from utils.cli import UserErrorParser  # noqa: E402
-from utils.errors import UserError, run_cli  # noqa: E402
+from reverse_voicefilter.core.atomic import write_bytes, write_text  # noqa: E402  (after the path tweak)
+from reverse_voicefilter.core.cli import UserErrorParser  # noqa: E402
+from reverse_voicefilter.core.errors import UserError, run_cli  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WHEEL_LIST = HERE / "wheels.txt"

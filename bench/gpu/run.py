@@ -43,9 +43,9 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from utils.atomic import write_bytes, write_text  # noqa: E402  (stdlib only: runs before the install)
-from utils.cli import UserErrorParser, check_writable_dir  # noqa: E402
-from utils.errors import run_cli  # noqa: E402
+from reverse_voicefilter.core.atomic import write_bytes, write_text  # noqa: E402  (stdlib only: runs before the install)
+from reverse_voicefilter.core.cli import UserErrorParser, check_writable_dir  # noqa: E402
+from reverse_voicefilter.core.errors import run_cli  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BENCH = ROOT / "bench"

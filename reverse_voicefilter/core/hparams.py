@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from utils.errors import UserError
+from reverse_voicefilter.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

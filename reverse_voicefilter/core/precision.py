@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from utils.errors import UserError
+from reverse_voicefilter.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from utils.atomic import atomic_path  # noqa: E402
+from reverse_voicefilter.core.atomic import atomic_path  # noqa: E402
 
 
 def _figure_to_array(fig):

@@ -15,8 +15,8 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from utils.atomic import atomic_path
-from utils.errors import UserError
+from reverse_voicefilter.core.atomic import atomic_path
+from reverse_voicefilter.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

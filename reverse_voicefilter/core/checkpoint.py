@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from utils.atomic import remove_stale_temporaries, save_torch, write_text
-from utils.errors import UserError
-from utils.hparams import config_changes
+from reverse_voicefilter.core.atomic import remove_stale_temporaries, save_torch, write_text
+from reverse_voicefilter.core.errors import UserError
+from reverse_voicefilter.core.hparams import config_changes
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ NOT_HYPERPARAMETERS = {"train.max_steps", "data.train_dir", "data.test_dir"}
 
 
 def save_checkpoint(state, path):
-    """``torch.save`` through :func:`utils.atomic.save_torch`: a crash never leaves half a file."""
+    """``torch.save`` through :func:`reverse_voicefilter.core.atomic.save_torch`: a crash never leaves half a file."""
     return save_torch(state, path)
 
 

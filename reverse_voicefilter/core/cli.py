@@ -3,7 +3,7 @@ import argparse
 import logging
 import sys
 
-from utils.errors import UserError
+from reverse_voicefilter.core.errors import UserError
 
 _TRUE = {"true", "t", "yes", "y", "1", "on"}
 _FALSE = {"false", "f", "no", "n", "0", "off"}
