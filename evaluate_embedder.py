@@ -55,7 +55,7 @@ def build_parser():
 def folder_speakers(folder, pattern, limit):
     from pathlib import Path
 
-    from datasets.speakers import find_speakers
+    from reverse_voicefilter.data.speakers import find_speakers
 
     if not Path(folder).is_dir():
         raise UserError(f"-d folder not found: {folder}")
@@ -77,7 +77,7 @@ def main(argv=None):
 
     from embedding.eer import evaluate_trials, folder_trials, read_trials
     from embedding.report import save_det_curve, save_score_histogram, write_report
-    from model.embedder import load_embedder
+    from reverse_voicefilter.model.embedder import load_embedder
 
     if args.trials:
         trials = read_trials(args.trials, args.root)

@@ -10,11 +10,11 @@ killed run is finished by running the same command again.
 import argparse
 import signal
 
-from datasets.generation import default_processes, generate
-from datasets.speakers import DEFAULT_TEST_SUBSETS, DEFAULT_TRAIN_SUBSETS, read_speaker_list
 from reverse_voicefilter.core.cli import UserErrorParser, add_bool_flag, setup_console_logging
 from reverse_voicefilter.core.errors import UserError, run_cli
 from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.data.generation import default_processes, generate
+from reverse_voicefilter.data.speakers import DEFAULT_TEST_SUBSETS, DEFAULT_TRAIN_SUBSETS, read_speaker_list
 
 
 def build_parser():
@@ -74,7 +74,7 @@ def given_flags(parser, argv):
 
 def run_official(args, hp, given):
     """``--tuples``: the official test set into OUT/test."""
-    from datasets.official import generate_official
+    from reverse_voicefilter.data.official import generate_official
     stray = [name for name in NOT_WITH_TUPLES if name in given]
     if stray:
         raise UserError(f"--{stray[0]} does not apply to --tuples: the official test set is fixed by its "

@@ -111,10 +111,10 @@ def prepare(args, workdir):
     import numpy as np
     import torch
 
-    from model.model import VoiceFilter
     from reverse_voicefilter.core.audio import save_wav
     from reverse_voicefilter.core.checkpoint import save_checkpoint
     from reverse_voicefilter.core.hparams import HParam
+    from reverse_voicefilter.model.model import VoiceFilter
 
     workdir = Path(workdir)
     speech = _speech(args.data) if Path(args.data, "test-other").is_dir() else None
@@ -174,9 +174,9 @@ def startup_cost(args):
 def run_model(args, files, precision, channels_last, fold, device):
     import torch
 
-    from model.model import VoiceFilter
     from reverse_voicefilter.core.audio import Audio, load_wav
     from reverse_voicefilter.core.hparams import HParam
+    from reverse_voicefilter.model.model import VoiceFilter
     from utils.separation import Separator
 
     hp = HParam(args.config)

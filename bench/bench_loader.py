@@ -97,9 +97,9 @@ class Wrapped:
 
 
 def build_loader(args, name, hp, device, workdir, run_dir):
-    from datasets.dataloader import build_dataset, create_dataloader
-    from datasets.online import create_online_loader
-    from model.embedder import load_embedder
+    from reverse_voicefilter.data.dataloader import build_dataset, create_dataloader
+    from reverse_voicefilter.data.online import create_online_loader
+    from reverse_voicefilter.model.embedder import load_embedder
 
     embedder = load_embedder("resemblyzer", hp, device)
     if VARIANTS[name] is None:
@@ -115,8 +115,8 @@ def build_loader(args, name, hp, device, workdir, run_dir):
 def run_variant(args, name):
     import torch
 
-    from model.model import VoiceFilter
     from reverse_voicefilter.core.hparams import HParam
+    from reverse_voicefilter.model.model import VoiceFilter
     from utils.train import make_loss, make_optimizer, train_step
 
     device = common.pick(args.device)

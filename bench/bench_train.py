@@ -77,10 +77,10 @@ def run_variant(args, name):
     import numpy as np
     import torch
 
-    from model.embedder import SpeechEmbedder
-    from model.model import VoiceFilter
     from reverse_voicefilter.core.audio import Audio
     from reverse_voicefilter.core.hparams import HParam
+    from reverse_voicefilter.model.embedder import SpeechEmbedder
+    from reverse_voicefilter.model.model import VoiceFilter
     from utils.train import make_loss, make_optimizer, train_step
 
     hp = HParam(args.config)

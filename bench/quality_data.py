@@ -26,9 +26,9 @@ import librosa
 import numpy as np
 import soundfile as sf
 
-from datasets.official import COLUMNS
 from reverse_voicefilter.core.atomic import write_bytes, write_text
 from reverse_voicefilter.core.errors import UserError
+from reverse_voicefilter.data.official import COLUMNS
 
 SAMPLE_RATE = 16000
 TRAIN_SUBSET, TEST_SUBSET = "train-clean-100", "test-other"
@@ -142,8 +142,8 @@ def prepare(mini_root, data_dir, size_config, size, test_seed, jobs=1):
     """The benchmark's data under ``data_dir``: the training pieces (``libri/``), the test triplets
     (``triplets-seedS.csv``) and the test folder of this size's spectrograms (``test-SIZE-seedS/test``,
     made by the official-triplet path); returns the paths and a summary. Made once, then reused."""
-    from datasets.official import generate_official
     from reverse_voicefilter.core.hparams import HParam
+    from reverse_voicefilter.data.official import generate_official
 
     mini_root, data_dir = Path(mini_root), Path(data_dir)
     if not mini_root.is_dir():

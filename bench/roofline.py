@@ -21,7 +21,7 @@ PEAKS = "peaks"  # the pseudo-variant that measures the peaks, in its own proces
 def _lstm_flops(hp, batch, frames):
     """Forward FLOPs of the bidirectional LSTM: per frame, direction and gate, a product with the
     input and one with the hidden state (2 FLOP per multiply-add)."""
-    from model.model import PROJ_CHANNELS
+    from reverse_voicefilter.model.model import PROJ_CHANNELS
 
     hidden = hp.model.lstm_dim
     inputs = PROJ_CHANNELS * hp.audio.num_freq + hp.embedder.emb_dim
@@ -37,7 +37,7 @@ def voicefilter_flops(hp, batch, frames, training):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from model.model import VoiceFilter
+    from reverse_voicefilter.model.model import VoiceFilter
 
     model = VoiceFilter(hp)
     mixed = torch.rand(1, COUNT_FRAMES, hp.audio.num_freq)

@@ -19,10 +19,10 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from datasets.speakers import VOXCELEB_TEST_SPEAKERS, read_speaker_list
-from model.embedder import ResemblyzerEncoder
 from reverse_voicefilter.core.audio import load_wav
 from reverse_voicefilter.core.errors import UserError
+from reverse_voicefilter.data.speakers import VOXCELEB_TEST_SPEAKERS, read_speaker_list
+from reverse_voicefilter.model.embedder import ResemblyzerEncoder
 
 logger = logging.getLogger(__name__)
 

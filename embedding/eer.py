@@ -132,7 +132,7 @@ def score_trials(embeddings, trials):
 
 
 def evaluate_trials(embedder, trials, load=load_wav, progress=False):
-    """Score ``trials`` with ``embedder`` (a model.embedder.DvecEmbedder). Returns a dict with
+    """Score ``trials`` with ``embedder`` (a reverse_voicefilter.model.embedder.DvecEmbedder). Returns a dict with
     ``eer``, ``threshold``, ``scores`` and ``labels`` (numpy), the trial counts and
     ``embeddings`` ({utterance: [E]})."""
     embeddings = embed_utterances(embedder, [u for _, a, b in trials for u in (a, b)], load=load,

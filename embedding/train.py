@@ -30,7 +30,13 @@ from embedding.config import ge2e_config_changes
 from embedding.data import BatchSource, find_training_speakers, utterance_lists
 from embedding.eer import evaluate_trials, folder_trials
 from embedding.ge2e import GE2ELoss
-from model.embedder import (
+from reverse_voicefilter.core.atomic import remove_stale_temporaries, save_torch, write_text
+from reverse_voicefilter.core.audio import Audio, load_wav
+from reverse_voicefilter.core.checkpoint import load_checkpoint, load_model_weights
+from reverse_voicefilter.core.cli import check_writable_dir, pick_device
+from reverse_voicefilter.core.errors import TrainingDiverged, UserError
+from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.model.embedder import (
     RESEMBLYZER,
     DvecEmbedder,
     ResemblyzerEncoder,
@@ -38,12 +44,6 @@ from model.embedder import (
     load_embedder,
     resemblyzer_format,
 )
-from reverse_voicefilter.core.atomic import remove_stale_temporaries, save_torch, write_text
-from reverse_voicefilter.core.audio import Audio, load_wav
-from reverse_voicefilter.core.checkpoint import load_checkpoint, load_model_weights
-from reverse_voicefilter.core.cli import check_writable_dir, pick_device
-from reverse_voicefilter.core.errors import TrainingDiverged, UserError
-from reverse_voicefilter.core.hparams import HParam
 from utils.train import StopSignals
 
 logger = logging.getLogger(__name__)

@@ -89,7 +89,7 @@ def test_triplets_follow_the_seed_and_the_rules(tmp_path):
         assert clean.split("-")[0] == reference.split("-")[0] and clean != reference
         assert interference.split("-")[0] != clean.split("-")[0]
     path = quality_data.write_triplets(rows, tmp_path / "t.csv")
-    from datasets.official import read_triplets
+    from reverse_voicefilter.data.official import read_triplets
     assert [(t.clean, t.embedding, t.interference) for t in read_triplets(path)] == rows
 
 

@@ -52,9 +52,9 @@ def test_demo_without_the_shipped_checkpoint_says_so(tmp_path, monkeypatch, caps
 
 
 def test_shipped_checkpoint_fits_the_demo_config():
-    from model.model import VoiceFilter
     from reverse_voicefilter.core.checkpoint import load_checkpoint, load_model_weights
     from reverse_voicefilter.core.hparams import HParam
+    from reverse_voicefilter.model.model import VoiceFilter
 
     state = load_checkpoint(demo.PRETRAINED)
     assert state["step"] == demo.PRETRAINED_STEPS

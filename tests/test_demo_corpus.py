@@ -204,9 +204,9 @@ def test_tiny_config_leaves_demo_mixtures_unclipped(speaker_corpus):
     config's spectrogram nearly unchanged; at the original's ref_level_db 20 the loudest bins
     are clipped and an all-pass mask gives the mixture back only to 10-13 dB, a loss the demo's
     evaluation would put on the network."""
-    from datasets.mixing import NORM_HEADROOM
     from reverse_voicefilter.core.audio import Audio
     from reverse_voicefilter.core.hparams import HParam
+    from reverse_voicefilter.data.mixing import NORM_HEADROOM
     from utils.metrics import sdr
 
     text = (Path(__file__).resolve().parents[1] / "config" / "tiny.yaml").read_text()

@@ -11,9 +11,9 @@ import torch
 from conftest import ROOT
 
 from embedding.eer import equal_error_rate, error_rates, folder_trials, read_trials
-from model.embedder import SpeechEmbedder
 from reverse_voicefilter.core.errors import UserError
 from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.model.embedder import SpeechEmbedder
 
 SCRIPT_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 from conftest import tone
 
-from model.embedder import SpeechEmbedder, load_embedder
 from reverse_voicefilter.core.audio import Audio, load_wav
 from reverse_voicefilter.core.errors import UserError
 from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.model.embedder import SpeechEmbedder, load_embedder
 
 
 def cosine(a, b):

@@ -19,10 +19,10 @@ from embedder_trainer import main as trainer_main
 from embedding.config import load_ge2e_config
 from embedding.data import split_into_crops
 from embedding.ge2e import GE2ELoss
-from model.embedder import RESEMBLYZER, SpeechEmbedder, load_embedder
 from reverse_voicefilter.core.checkpoint import load_checkpoint
 from reverse_voicefilter.core.errors import UserError
 from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.model.embedder import RESEMBLYZER, SpeechEmbedder, load_embedder
 
 SCRIPT_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -234,7 +234,7 @@ def test_broken_resemblyzer_format_file_is_a_user_error(tmp_path, state, message
 
 
 def test_resemblyzer_format_file_of_another_size_is_a_user_error(tmp_path):
-    from model.embedder import ResemblyzerEncoder, resemblyzer_format
+    from reverse_voicefilter.model.embedder import ResemblyzerEncoder, resemblyzer_format
 
     torch.save(resemblyzer_format(ResemblyzerEncoder(hidden=8, layers=1, emb_dim=8), 0), tmp_path / "e.pt")
     with pytest.raises(UserError, match="gives 8-dim d-vectors but embedder.emb_dim is 256"):

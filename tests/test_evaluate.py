@@ -10,10 +10,10 @@ import torch
 from mir_eval.separation import bss_eval_sources
 from test_inference import RATE, make_tiny_setup, one_torch_thread, run_main, start_script, voice  # noqa: F401
 
-from model.embedder import SpeechEmbedder
-from model.model import VoiceFilter
 from reverse_voicefilter.core.audio import Audio
 from reverse_voicefilter.core.errors import UserError
+from reverse_voicefilter.model.embedder import SpeechEmbedder
+from reverse_voicefilter.model.model import VoiceFilter
 from utils.separation import MASK_MODES
 
 SECONDS = 2.0  # tiny.yaml's audio_len
@@ -196,8 +196,8 @@ def test_reversed_data_and_limit(setup, tmp_path):
 
 
 def test_reversed_flag_and_mixed_manifest(tmp_path):
-    from datasets.samples import list_samples
     from reverse_voicefilter.core.hparams import HParam
+    from reverse_voicefilter.data.samples import list_samples
     from utils.evaluation import TARGET, decide_targets, split_reversed
 
     hp = HParam()

@@ -1,4 +1,4 @@
-"""generator.py / datasets.generation: exact, seeded, resumable, reverse-consistent mixtures."""
+"""generator.py / reverse_voicefilter.data.generation: exact, seeded, resumable, reverse-consistent mixtures."""
 import hashlib
 import json
 import logging
@@ -17,15 +17,15 @@ import tqdm
 from conftest import LIBRI_MINI, ROOT, need
 
 import generator
-from datasets import generation
-from datasets.generation import generate
-from datasets.mixing import MAX_ATTEMPTS, SPLIT_CODES, Mixer, magnitude, make_mixture, plan_candidates
-from datasets.samples import list_samples, read_manifest
-from datasets.speakers import Speakers, split_speakers
 from prepare.demo_corpus import make_corpus
 from reverse_voicefilter.core.audio import Audio
 from reverse_voicefilter.core.errors import UserError, run_cli
 from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.data import generation
+from reverse_voicefilter.data.generation import generate
+from reverse_voicefilter.data.mixing import MAX_ATTEMPTS, SPLIT_CODES, Mixer, magnitude, make_mixture, plan_candidates
+from reverse_voicefilter.data.samples import list_samples, read_manifest
+from reverse_voicefilter.data.speakers import Speakers, split_speakers
 
 TINY = ROOT / "config" / "tiny.yaml"
 TRAIN_SPEAKERS, TEST_SPEAKERS = 6, 4
@@ -401,7 +401,7 @@ def test_real_speech(tmp_path, caplog):
 
 @pytest.mark.parametrize("reverse, float16", [(False, False), (True, True)])
 def test_in_memory_sample_equals_the_written_one(tmp_path, corpus, hp, reverse, float16):
-    """datasets.mixing makes sample i in memory, without writing anything, exactly as generator.py writes it."""
+    """data.mixing makes sample i in memory, without writing anything, exactly as generator.py writes it."""
     out, _ = gen(tmp_path, corpus, hp, train_size=6, test_size=3, reverse=reverse, float16=float16)
     train, test, _ = split_speakers(corpus, train_subsets=["train-clean-100"])
     audio = Audio(hp)

@@ -10,12 +10,12 @@ import soundfile as sf
 import torch
 from conftest import ROOT, tone
 
-from model.embedder import SpeechEmbedder, load_embedder
-from model.model import VoiceFilter
 from reverse_voicefilter.core.audio import load_wav
 from reverse_voicefilter.core.checkpoint import save_checkpoint
 from reverse_voicefilter.core.hparams import HParam
 from reverse_voicefilter.core.precision import BF16_ENV, cpu_has_native_bf16, cpu_runs_bf16
+from reverse_voicefilter.model.embedder import SpeechEmbedder, load_embedder
+from reverse_voicefilter.model.model import VoiceFilter
 from utils.separation import INV_DIV_EPS, MASK_MODES, Separator, apply_mask, config_mismatches, load_separator
 
 RATE = 16000

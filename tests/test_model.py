@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from model.model import VoiceFilter, count_parameters
 from reverse_voicefilter.core.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from reverse_voicefilter.core.errors import UserError
 from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.model.model import VoiceFilter, count_parameters
 
 ORIGINAL_KEYS = {f"conv.{i}" for i in (1, 5, 9, 13, 17, 21, 25, 28)} | {
     f"conv.{i}" for i in (2, 6, 10, 14, 18, 22, 26, 29)}
@@ -182,7 +182,7 @@ def test_pickled_code_is_refused(tmp_path):
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_fused_conv_relu_equals_relu_of_the_convolution(dtype, channels_last):
-    from model.model import ConvReLU
+    from reverse_voicefilter.model.model import ConvReLU
 
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(8, 8, (5, 5), dilation=(2, 1), padding=(4, 2)).eval()
@@ -201,7 +201,7 @@ def test_fused_conv_relu_equals_relu_of_the_convolution(dtype, channels_last):
 
 
 def test_the_inference_network_fuses_every_relu_of_the_conv_stack():
-    from model.model import ConvReLU
+    from reverse_voicefilter.model.model import ConvReLU
 
     fast = VoiceFilter(HParam("config/tiny.yaml")).for_inference()
     assert sum(isinstance(m, ConvReLU) for m in fast.conv) == 8

@@ -9,11 +9,11 @@ import torch
 from conftest import LIBRI_MINI, ROOT, SHARED, need
 
 import generator
-from datasets.official import UtteranceFinder, generate_official, mix_official, read_triplets
-from datasets.samples import list_samples, read_manifest
 from reverse_voicefilter.core.audio import Audio
 from reverse_voicefilter.core.errors import UserError, run_cli
 from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.data.official import UtteranceFinder, generate_official, mix_official, read_triplets
+from reverse_voicefilter.data.samples import list_samples, read_manifest
 
 TINY = ROOT / "config" / "tiny.yaml"
 HEADER = "clean_utterance,embedding_utterance,interference_utterance\n"

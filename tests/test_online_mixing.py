@@ -6,10 +6,14 @@ import torch
 from conftest import ROOT
 from test_trainer import make_embedder, write_config
 
-from datasets import mixing
-from datasets.dvec_cache import online_shard_paths
-from datasets.generation import generate
-from datasets.online import (
+from reverse_voicefilter.core.audio import Audio
+from reverse_voicefilter.core.checkpoint import load_checkpoint
+from reverse_voicefilter.core.errors import UserError, run_cli
+from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.data import mixing
+from reverse_voicefilter.data.dvec_cache import online_shard_paths
+from reverse_voicefilter.data.generation import generate
+from reverse_voicefilter.data.online import (
     EpochSampler,
     OnlineMixtures,
     ReferenceDvecs,
@@ -17,12 +21,8 @@ from datasets.online import (
     create_online_loader,
     online_speakers,
 )
-from datasets.samples import list_samples
-from model.embedder import load_embedder
-from reverse_voicefilter.core.audio import Audio
-from reverse_voicefilter.core.checkpoint import load_checkpoint
-from reverse_voicefilter.core.errors import UserError, run_cli
-from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.data.samples import list_samples
+from reverse_voicefilter.model.embedder import load_embedder
 from trainer import main as trainer_main
 
 ONLINE = {"data": {"audio_len": 1.0, "mixing": "online", "train_subsets": ["train-clean-100"],

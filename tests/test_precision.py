@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model.model as model_module
-from model.model import ConvReLU
+import reverse_voicefilter.model.model as model_module
 from reverse_voicefilter.core.errors import UserError
 from reverse_voicefilter.core.precision import (
     BF16_ENV,
@@ -17,6 +16,7 @@ from reverse_voicefilter.core.precision import (
     cpu_flags,
     cpu_runs_bf16,
 )
+from reverse_voicefilter.model.model import ConvReLU
 
 AVX2 = {"sse4_2", "avx", "avx2", "fma", "f16c"}
 SKYLAKE_X = AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"}

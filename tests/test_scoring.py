@@ -11,13 +11,13 @@ from test_trainer import make_dataset, make_embedder, train, write_config
 
 import evaluate
 import generator
-from datasets.dataloader import build_dataset, create_dataloader
-from model.embedder import load_embedder
-from model.model import VoiceFilter
 from reverse_voicefilter.core.audio import Audio
 from reverse_voicefilter.core.checkpoint import load_checkpoint
 from reverse_voicefilter.core.errors import run_cli
 from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.data.dataloader import build_dataset, create_dataloader
+from reverse_voicefilter.model.embedder import load_embedder
+from reverse_voicefilter.model.model import VoiceFilter
 from utils.scoring import nan_median, score_sample
 from utils.separation import Separator
 from utils.train import make_loss

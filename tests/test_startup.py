@@ -10,10 +10,10 @@ import soundfile as sf
 import torch
 from conftest import ROOT, tone
 
-from model.embedder import SpeechEmbedder
-from model.model import VoiceFilter
 from reverse_voicefilter.core.checkpoint import load_checkpoint, save_checkpoint
 from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.model.embedder import SpeechEmbedder
+from reverse_voicefilter.model.model import VoiceFilter
 from utils.separation import load_model
 
 # Each costs 0.1-0.4 s of CPU to import and none is needed to separate a file.

@@ -22,13 +22,13 @@ import torch
 import yaml
 from conftest import PARITY, ROOT, need
 
-from datasets.dataloader import ResumableSampler, build_dataset
-from datasets.dvec_cache import cache_path
-from model.embedder import SpeechEmbedder, load_embedder
 from reverse_voicefilter.core.audio import Audio, save_wav
 from reverse_voicefilter.core.checkpoint import compact_checkpoint, load_checkpoint, save_checkpoint
 from reverse_voicefilter.core.errors import TrainingDiverged, UserError, run_cli
 from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.data.dataloader import ResumableSampler, build_dataset
+from reverse_voicefilter.data.dvec_cache import cache_path
+from reverse_voicefilter.model.embedder import SpeechEmbedder, load_embedder
 from trainer import main as trainer_main
 from utils.train import StopSignals, make_loss, run_training
 
@@ -487,8 +487,8 @@ def test_bf16_and_channels_last_steps_stay_close_to_fp32():
     within 0.02 after the step."""
     import copy
 
-    from model.model import VoiceFilter
     from reverse_voicefilter.core.hparams import HParam
+    from reverse_voicefilter.model.model import VoiceFilter
     from utils.train import make_loss, train_step
 
     hp = HParam(str(ROOT / "config" / "tiny.yaml"))
@@ -687,7 +687,7 @@ def test_threads_flag_sets_and_logs_the_thread_count(data, caplog):
 
 def test_training_state_round_trip():
     """state_dict -> load_state_dict restores the position, best score, optimizer and random state."""
-    from model.model import VoiceFilter
+    from reverse_voicefilter.model.model import VoiceFilter
     from utils.training_state import TrainingState
 
     hp = HParam(str(ROOT / "config" / "tiny.yaml"))

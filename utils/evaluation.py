@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from datasets.dvec_cache import load_dvecs, reference_key
-from datasets.generation import SETTINGS_FILE
-from datasets.samples import list_samples, read_manifest
 from reverse_voicefilter.core.atomic import write_text
 from reverse_voicefilter.core.audio import load_wav
 from reverse_voicefilter.core.errors import UserError
 from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.data.dvec_cache import load_dvecs, reference_key
+from reverse_voicefilter.data.generation import SETTINGS_FILE
+from reverse_voicefilter.data.samples import list_samples, read_manifest
 from utils.scoring import (  # noqa: F401 (TARGET, RESIDUAL, reference_kind, score_sample: re-exported)
     RESIDUAL,
     TARGET,

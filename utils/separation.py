@@ -35,13 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.embedder import RESEMBLYZER, ResemblyzerEncoder, load_embedder
-from model.model import VoiceFilter
 from reverse_voicefilter.core.audio import Audio, load_wav, save_wav
 from reverse_voicefilter.core.checkpoint import load_checkpoint, load_model_weights
 from reverse_voicefilter.core.errors import UserError
 from reverse_voicefilter.core.hparams import HParam, config_changes
 from reverse_voicefilter.core.precision import autocast, check_precision
+from reverse_voicefilter.model.embedder import RESEMBLYZER, ResemblyzerEncoder, load_embedder
+from reverse_voicefilter.model.model import VoiceFilter
 from utils.separation_options import (  # noqa: F401 (re-exported: the library's one namespace)
     ALL_MODES,
     BATCH_SIZE,

@@ -29,10 +29,6 @@ import torch.distributed as torch_dist
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from datasets.dataloader import build_dataset, create_dataloader
-from datasets.online import create_online_loader
-from model.embedder import load_embedder
-from model.model import VoiceFilter, count_parameters
 from reverse_voicefilter.core.audio import Audio
 from reverse_voicefilter.core.checkpoint import (
     BEST_NAME,
@@ -49,6 +45,10 @@ from reverse_voicefilter.core.checkpoint import (
 from reverse_voicefilter.core.cli import apply_threads, check_writable_dir
 from reverse_voicefilter.core.errors import TrainingDiverged, UserError
 from reverse_voicefilter.core.precision import autocast, check_precision
+from reverse_voicefilter.data.dataloader import build_dataset, create_dataloader
+from reverse_voicefilter.data.online import create_online_loader
+from reverse_voicefilter.model.embedder import load_embedder
+from reverse_voicefilter.model.model import VoiceFilter, count_parameters
 from utils.distributed import Dist, barrier, is_main_process, setup_distributed, sync_step, wrap
 from utils.schedule import apply_schedule
 from utils.training_state import TrainingState, seed_everything

@@ -2,18 +2,18 @@
 
 ``data.mixing: online`` trains straight from LibriSpeech (``data.libri_dir``)
 or VoxCeleb (``data.voxceleb_dir``); nothing is written per sample. The
-speakers are chosen as generator.py chooses them (:func:`datasets.speakers.split_speakers`:
+speakers are chosen as generator.py chooses them (:func:`reverse_voicefilter.data.speakers.split_speakers`:
 training subsets, the test subsets' speakers left out, hold-out speakers) and
-each sample is made by the generator's own code (:mod:`datasets.mixing`):
+each sample is made by the generator's own code (:mod:`reverse_voicefilter.data.mixing`):
 
 * epoch ``e`` holds ``data.epoch_samples`` mixtures; its plan is
-  :func:`datasets.mixing.plan_candidates` of the training split seeded with
+  :func:`reverse_voicefilter.data.mixing.plan_candidates` of the training split seeded with
   ``data.mixing_seed`` and, from epoch 1 on, the epoch. Epoch 0 is therefore
   exactly ``generator.py --seed data.mixing_seed``'s training split: the same
   triplets, the same wavs, sample for sample; later epochs are fresh draws.
 * sample ``(e, i)`` depends on ``(mixing_seed, e, i)`` and the data only, so the
   stream is the same whatever the number of loader workers or processes; the
-  sampler (a :class:`datasets.dataloader.ResumableSampler` that yields
+  sampler (a :class:`reverse_voicefilter.data.dataloader.ResumableSampler` that yields
   ``(epoch, index)``) shards it over the ranks and resumes mid-epoch.
 * the loader workers return waveforms; :class:`OnlineBatches` turns each batch
   into ``(dvec, target_mag, mixed_mag)`` on the training device: the
@@ -35,12 +35,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datasets.dataloader import ResumableSampler, seed_worker
-from datasets.dvec_cache import read_online_shards, write_online_shard
-from datasets.mixing import MAX_ATTEMPTS, SPLIT_CODES, Mixer, candidates_of, plan_candidates, struck_count
-from datasets.speakers import Speakers, read_speaker_list, split_speakers
 from reverse_voicefilter.core.audio import Audio, load_wav
 from reverse_voicefilter.core.errors import UserError
+from reverse_voicefilter.data.dataloader import ResumableSampler, seed_worker
+from reverse_voicefilter.data.dvec_cache import read_online_shards, write_online_shard
+from reverse_voicefilter.data.mixing import (
+    MAX_ATTEMPTS,
+    SPLIT_CODES,
+    Mixer,
+    candidates_of,
+    plan_candidates,
+    struck_count,
+)
+from reverse_voicefilter.data.speakers import Speakers, read_speaker_list, split_speakers
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +106,7 @@ class OnlineMixtures(Dataset):
         return self._plans[epoch]
 
     def mixture(self, epoch, index):
-        """The :class:`datasets.mixing.Mixture` of sample ``index`` of ``epoch``."""
+        """The :class:`reverse_voicefilter.data.mixing.Mixture` of sample ``index`` of ``epoch``."""
         if self._mixer is None:
             self._mixer = Mixer(self.hp, self.vad, self.capacity)
         plan = self.plan(epoch)

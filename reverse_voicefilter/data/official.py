@@ -22,7 +22,7 @@ utterance's ``.flac`` too.
 Sample ``NNNNNN`` is row ``NNNNNN`` (0-based, header excluded) of the triplet
 file, so the same row has the same id for everyone; rows skipped with
 ``skip_missing`` leave a gap. The files are those of the trainer's format
-(:mod:`datasets.samples`), written atomically with the ``-dvec.txt`` last,
+(:mod:`reverse_voicefilter.data.samples`), written atomically with the ``-dvec.txt`` last,
 into ``OUT/test``; a rerun skips complete samples and remakes the rest, and a
 larger size extends the set.
 """
@@ -38,11 +38,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datasets.generation import FORMAT_VERSION, counted, prepare_split_dir, worker_pool
-from datasets.mixing import Mixture
-from datasets.samples import complete_ids, read_record, sample_id, write_manifest, write_sample
 from reverse_voicefilter.core.audio import Audio, load_wav
 from reverse_voicefilter.core.errors import UserError
+from reverse_voicefilter.data.generation import FORMAT_VERSION, counted, prepare_split_dir, worker_pool
+from reverse_voicefilter.data.mixing import Mixture
+from reverse_voicefilter.data.samples import complete_ids, read_record, sample_id, write_manifest, write_sample
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def mix_official(clean_wav, interference_wav):
 
 
 def make_official_mixture(row, clean, embedding, interference, sample_rate, reverse=False):
-    """The :class:`~datasets.mixing.Mixture` of one row (paths of its three utterances)."""
+    """The :class:`~reverse_voicefilter.data.mixing.Mixture` of one row (paths of its three utterances)."""
     target_wav, interference_wav, mixed_wav = mix_official(load_wav(clean, sample_rate),
                                                            load_wav(interference, sample_rate))
     return Mixture(row, embedding, clean, interference, _speaker(clean), _speaker(interference), bool(reverse),

@@ -2,7 +2,7 @@
 
 A training item is ``(dvec [E], target_mag [T, F], mixed_mag [T, F])``, the
 original's order with the reference's d-vector (read from the cache of
-:mod:`datasets.dvec_cache`) in place of its mel. A test item is ``(dvec, target_mag,
+:mod:`reverse_voicefilter.data.dvec_cache`) in place of its mel. A test item is ``(dvec, target_mag,
 target_wav, mixed_wav)``: the waveforms for SDR, the target magnitude for the
 test loss; the mixed magnitude and phase are recomputed from the mixed wav on
 the device (``Audio.wav2spec_torch``), so the phase is never stored and the
@@ -23,9 +23,9 @@ import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from datasets.dvec_cache import load_dvecs, reference_key
-from datasets.samples import list_samples
 from reverse_voicefilter.core.errors import UserError
+from reverse_voicefilter.data.dvec_cache import load_dvecs, reference_key
+from reverse_voicefilter.data.samples import list_samples
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The generator's driver: split folders, settings check, resume, the process pool, the summary.
 
-What a sample is (its plan and its mixing) lives in :mod:`datasets.mixing`,
-where the speakers come from in :mod:`datasets.speakers`, and the files of a
-sample in :mod:`datasets.samples`. Here they become an exact, seeded,
+What a sample is (its plan and its mixing) lives in :mod:`reverse_voicefilter.data.mixing`,
+where the speakers come from in :mod:`reverse_voicefilter.data.speakers`, and the files of a
+sample in :mod:`reverse_voicefilter.data.samples`. Here they become an exact, seeded,
 resumable split folder, the same whatever the process count:
 
 * the main process plans every sample index of a split; a worker turns index
@@ -31,7 +31,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from datasets.mixing import (
+from reverse_voicefilter.core import atomic
+from reverse_voicefilter.core.audio import Audio
+from reverse_voicefilter.core.cli import check_writable_dir
+from reverse_voicefilter.core.errors import UserError
+from reverse_voicefilter.data.mixing import (
     DROP_REASONS,
     MAX_ATTEMPTS,
     REFERENCE_MIN_FACTOR,
@@ -41,7 +45,7 @@ from datasets.mixing import (
     plan_candidates,
     struck_count,
 )
-from datasets.samples import (
+from reverse_voicefilter.data.samples import (
     RECORDS_DIR,
     complete_ids,
     existing_ids,
@@ -51,11 +55,7 @@ from datasets.samples import (
     write_manifest,
     write_sample,
 )
-from datasets.speakers import DEFAULT_TEST_SUBSETS, DEFAULT_TRAIN_SUBSETS, Speakers, split_speakers
-from reverse_voicefilter.core import atomic
-from reverse_voicefilter.core.audio import Audio
-from reverse_voicefilter.core.cli import check_writable_dir
-from reverse_voicefilter.core.errors import UserError
+from reverse_voicefilter.data.speakers import DEFAULT_TEST_SUBSETS, DEFAULT_TRAIN_SUBSETS, Speakers, split_speakers
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ SETTINGS_FILE = "generation.json"
 FORMAT_VERSION = 2
 AUDIO_KEYS = ("sample_rate", "n_fft", "hop_length", "win_length", "min_level_db", "ref_level_db")
 # What the workers need, imported once by the fork server rather than once per worker.
-WORKER_MODULES = ["datasets.generation", "reverse_voicefilter.core.hparams", "librosa.effects", "librosa.core.spectrum"]
+WORKER_MODULES = ["reverse_voicefilter.data.generation", "reverse_voicefilter.core.hparams", "librosa.effects",
+                  "librosa.core.spectrum"]
 
 
 # ----------------------------------------------------------------------------- the workers

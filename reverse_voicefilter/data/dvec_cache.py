@@ -13,7 +13,7 @@ The file name carries the embedder's identity (a digest of its weights), so
 another embedder gets its own cache; later runs read it back
 (``torch.load(weights_only=True)``) and only compute references it lacks.
 
-Online mixing (:mod:`datasets.online`) has no split folder: its d-vectors,
+Online mixing (:mod:`reverse_voicefilter.data.online`) has no split folder: its d-vectors,
 computed one reference at a time as they are first drawn, are written in
 shards ``dvec-online-<embedder.name>-r<rank>-<n>.pt`` (same format) of the new
 ones only, so a long run never rewrites what it already saved.

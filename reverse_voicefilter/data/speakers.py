@@ -7,7 +7,7 @@ the files under its folder matching the input pattern (``*-norm.wav`` by
 default), recursively; a speaker needs two (a reference and a target).
 
 :class:`Speakers` holds one split's utterances as the flat arrays the plan
-(:mod:`datasets.mixing`) indexes.
+(:mod:`reverse_voicefilter.data.mixing`) indexes.
 """
 import hashlib
 import logging

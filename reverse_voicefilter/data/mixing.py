@@ -20,7 +20,7 @@ whose audio is long enough (the later ones are the retries of a dropped one).
 
 Nothing here writes a file: :func:`make_mixture` gives sample ``i`` of a split
 from ``(speakers, seed, split, index)``, the same arrays generator.py writes
-(:func:`datasets.samples.write_sample`) for sample ``i``.
+(:func:`reverse_voicefilter.data.samples.write_sample`) for sample ``i``.
 """
 import logging
 from collections import Counter, OrderedDict

@@ -122,9 +122,9 @@ def existing_ids(split_dir):
 
 
 def write_sample(split_dir, form, mixture, audio, float16=False):
-    """Write ``mixture`` (a :class:`datasets.mixing.Mixture`) as sample ``mixture.index``; returns its record.
+    """Write ``mixture`` (a :class:`mixing.Mixture`) as sample ``mixture.index``; returns its record.
 
-    The spectrograms are :func:`datasets.mixing.magnitude` of the written wavs
+    The spectrograms are :func:`reverse_voicefilter.data.mixing.magnitude` of the written wavs
     (``audio``: the :class:`reverse_voicefilter.core.audio.Audio` of the config); the ``-dvec.txt``
     comes last: the sample is complete once it exists.
     """
