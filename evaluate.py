@@ -8,7 +8,7 @@ per sample and mode), OUT_DIR/sdr_before_after.png, and prints a table. org is s
 the speaker the model keeps (the reference speaker, or the interfering one for a model trained
 on reversed data), the inverse modes against the other one. Any folder in the trainer's format
 works, with utterances of any length (Google's official test set: generator.py --tuples); the
-scoring is the trainer's validation's (utils/scoring.py).
+scoring is the trainer's validation's (reverse_voicefilter/evaluation/scoring.py).
 """
 import argparse
 import logging
@@ -27,7 +27,7 @@ from reverse_voicefilter.core.cli import (
 )
 from reverse_voicefilter.core.errors import UserError, run_cli
 from reverse_voicefilter.core.hparams import HParam
-from utils.separation_options import (
+from reverse_voicefilter.separation.options import (
     BATCH_SIZE,
     DEFAULT_FACTOR,
     INV_DIV_EPS,
@@ -86,8 +86,11 @@ def main(argv=None):
         for path in remove_stale_temporaries(args.out_dir, legacy_suffixes=LEGACY_TEMPORARIES):
             log.info("removed %s, left by an interrupted run", path)
         device = pick_device(args.device)
-        from utils.evaluation import format_table, run_evaluation  # torch: only once the arguments are good
-        from utils.separation import load_separator
+        from reverse_voicefilter.evaluation.evaluate import (  # torch: only once the arguments are good
+            format_table,
+            run_evaluation,
+        )
+        from reverse_voicefilter.separation.separator import load_separator
 
         apply_threads(args.threads, log)
         separator = load_separator(hp, args.checkpoint_path, args.embedder_path, device, config_path=args.config,

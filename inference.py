@@ -4,7 +4,7 @@
         -o OUT_DIR --mask org|inv_div|inv_sub|all [--factor 0.7]
 
 One mixture writes OUT_DIR/result.wav (float WAV); several (-m a.wav b.wav, or a folder)
-write OUT_DIR/<name>-result.wav each. See utils/separation.py for the mask modes.
+write OUT_DIR/<name>-result.wav each. See reverse_voicefilter/separation/separator.py for the mask modes.
 
 Exit status: 0 when every mixture was separated; 1 when some could not be (each named on
 stderr, the others written); 2 when none could be, or for a user error (a bad flag or file).
@@ -25,7 +25,7 @@ from reverse_voicefilter.core.cli import (
 from reverse_voicefilter.core.errors import UserError, run_cli
 from reverse_voicefilter.core.hparams import HParam
 from reverse_voicefilter.core.startup import bulk_imports, freeze_at_exit
-from utils.separation_options import (
+from reverse_voicefilter.separation.options import (
     BATCH_SIZE,
     CHUNK_SECONDS,
     DEFAULT_FACTOR,
@@ -92,7 +92,7 @@ def main(argv=None):
     log.info("%d mixture(s), mask %s, output to %s", len(inputs), ", ".join(modes), args.out_dir)
     with output_folder(args.out_dir, "-o"):
         with bulk_imports():  # torch: only once the arguments are good
-            from utils.separation import load_separator, separate_files
+            from reverse_voicefilter.separation.separator import load_separator, separate_files
 
         apply_threads(args.threads, log)
         separator = load_separator(hp, args.checkpoint_path, args.embedder_path, pick_device(args.device),

@@ -6,7 +6,7 @@ run's ``config.yaml``), logs and TensorBoard events to ``BASE/logs/NAME``.
 starts a new run from another run's weights. ``--libri_dir ROOT`` (or
 ``data.mixing: online``) mixes the training data on the fly from a corpus. Multi-GPU:
 ``torchrun --nproc_per_node N trainer.py ...``. The procedure lives in
-:mod:`utils.train`.
+:mod:`reverse_voicefilter.training.train`.
 """
 from reverse_voicefilter.core.cli import UserErrorParser, add_bool_flag, add_device_flag, add_threads_flag
 from reverse_voicefilter.core.errors import run_cli
@@ -62,7 +62,7 @@ def main(argv=None):
     if args.reverse_data is not None:
         hp.data.reverse_data = args.reverse_data
 
-    from utils.train import run_training  # torch and friends: after the flags are checked
+    from reverse_voicefilter.training.train import run_training  # torch and friends: after the flags are checked
     return run_training(hp, args.model, base_dir=args.base_dir, embedder=args.embedder_path,
                         checkpoint_path=args.checkpoint_path, init_from=args.init_from, overwrite=args.overwrite,
                         threads=args.threads, device=args.device)

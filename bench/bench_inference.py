@@ -177,7 +177,7 @@ def run_model(args, files, precision, channels_last, fold, device):
     from reverse_voicefilter.core.audio import Audio, load_wav
     from reverse_voicefilter.core.hparams import HParam
     from reverse_voicefilter.model.model import VoiceFilter
-    from utils.separation import Separator
+    from reverse_voicefilter.separation.separator import Separator
 
     hp = HParam(args.config)
     hp.train.channels_last = channels_last

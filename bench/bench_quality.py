@@ -12,7 +12,7 @@ project's own code:
 * training: ``trainer.py`` from random weights with on-the-fly mixing (``data.mixing online``),
   ``--size tiny`` (config/tiny.yaml) or ``default`` (config/default.yaml), for ``--steps`` or
   ``--minutes``, a checkpoint every ``--eval_every`` steps; ``--seeds`` runs one model per seed;
-* scoring: every checkpoint by evaluate.py's code (utils.evaluation) on the test folder: SDR and
+* scoring: every checkpoint by evaluate.py's code (reverse_voicefilter.evaluation.evaluate) on the test folder: SDR and
   SI-SDR gains and the d-vector similarity, per mask mode, each scored against what the mode
   keeps. Both tasks of the project: keeping the reference speaker (``org``) and removing it,
   by the inverse masks of the normal model and (``--reverse``) by ``org`` of a model trained on

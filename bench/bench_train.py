@@ -1,4 +1,4 @@
-"""Training throughput: seconds per optimizer step of ``utils.train.train_step`` (Adam, the
+"""Training throughput: seconds per optimizer step of ``reverse_voicefilter.training.train.train_step`` (Adam, the
 config's loss), on synthetic tensors of the training shapes, per precision and memory format.
 
 Variants (each in a fresh process):
@@ -81,7 +81,7 @@ def run_variant(args, name):
     from reverse_voicefilter.core.hparams import HParam
     from reverse_voicefilter.model.embedder import SpeechEmbedder
     from reverse_voicefilter.model.model import VoiceFilter
-    from utils.train import make_loss, make_optimizer, train_step
+    from reverse_voicefilter.training.train import make_loss, make_optimizer, train_step
 
     hp = HParam(args.config)
     common.set_allocator(args, "reuse" if hp.train.keep_freed_memory else "glibc")

@@ -3,7 +3,7 @@ curve, the final table and the picture.
 
 Each row names its task: ``keep`` (the output should be the reference speaker) or ``remove`` (the
 output should be everything but the reference speaker), and the gains are against the clean signal
-of that task (utils.scoring picks it per mode and per model, as evaluate.py does).
+of that task (reverse_voicefilter.evaluation.scoring picks it per mode and per model, as evaluate.py does).
 """
 import json
 import math
@@ -15,9 +15,9 @@ import numpy as np
 from reverse_voicefilter.core.atomic import write_text
 from reverse_voicefilter.core.checkpoint import run_checkpoints
 from reverse_voicefilter.core.plotting import _save_figure, plt
-from utils.evaluation import evaluate, run_evaluation, summarize
-from utils.scoring import TARGET
-from utils.separation import load_separator
+from reverse_voicefilter.evaluation.evaluate import evaluate, run_evaluation, summarize
+from reverse_voicefilter.evaluation.scoring import TARGET
+from reverse_voicefilter.separation.separator import load_separator
 
 CURVE_METRICS = ("sdr_gain", "si_sdr_gain", "similarity_after")
 

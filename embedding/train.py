@@ -44,7 +44,7 @@ from reverse_voicefilter.model.embedder import (
     load_embedder,
     resemblyzer_format,
 )
-from utils.train import StopSignals
+from reverse_voicefilter.training.train import StopSignals
 
 logger = logging.getLogger(__name__)
 

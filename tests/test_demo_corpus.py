@@ -207,7 +207,7 @@ def test_tiny_config_leaves_demo_mixtures_unclipped(speaker_corpus):
     from reverse_voicefilter.core.audio import Audio
     from reverse_voicefilter.core.hparams import HParam
     from reverse_voicefilter.data.mixing import NORM_HEADROOM
-    from utils.metrics import sdr
+    from reverse_voicefilter.evaluation.metrics import sdr
 
     text = (Path(__file__).resolve().parents[1] / "config" / "tiny.yaml").read_text()
     assert "ref_level_db: 30.0" in text

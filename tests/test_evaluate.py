@@ -1,4 +1,4 @@
-"""evaluate.py and utils/evaluation.py: figures against an independent computation, reports, errors."""
+"""evaluate.py and evaluation/evaluate.py: figures against an independent computation, reports, errors."""
 import csv
 import json
 import warnings
@@ -14,7 +14,7 @@ from reverse_voicefilter.core.audio import Audio
 from reverse_voicefilter.core.errors import UserError
 from reverse_voicefilter.model.embedder import SpeechEmbedder
 from reverse_voicefilter.model.model import VoiceFilter
-from utils.separation import MASK_MODES
+from reverse_voicefilter.separation.separator import MASK_MODES
 
 SECONDS = 2.0  # tiny.yaml's audio_len
 
@@ -59,7 +59,7 @@ def eval_args(setup, out, *extra):
 
 # ---- an independent computation: numpy STFT (the original's), the networks, mir_eval directly --------
 def independent_scores(setup, samples, factor=0.7, eps=1e-3):
-    """{(sample, mode): {metric: value}} computed without utils.separation/evaluation/metrics."""
+    """{(sample, mode): {metric: value}} computed without the package's separation, evaluation or metrics."""
     hp = setup["hp"]
     audio = Audio(hp)
     model = VoiceFilter(hp).eval()
@@ -175,8 +175,8 @@ def test_report_summarizes_the_rows(evaluated):
 def test_reversed_data_and_limit(setup, tmp_path):
     """In this process (jobs 1): the manifest's "reversed" is read, --limit is honoured, and the
     scores follow the -target.wav file, whatever speaker it holds."""
-    from utils.evaluation import run_evaluation
-    from utils.separation import load_separator
+    from reverse_voicefilter.evaluation.evaluate import run_evaluation
+    from reverse_voicefilter.separation.separator import load_separator
 
     split = make_test_folder(tmp_path / "rev", count=2, reversed_data=True)
     separator = load_separator(setup["hp"], setup["checkpoint"], setup["embedder"], torch.device("cpu"))
@@ -189,7 +189,7 @@ def test_reversed_data_and_limit(setup, tmp_path):
     assert [r["mode"] for r in rows] == ["org", "inv_sub"]
     mixed, _ = sf.read(split / "000000-mixed.wav", dtype="float32")
     target, _ = sf.read(split / "000000-target.wav", dtype="float32")
-    from utils.metrics import sdr
+    from reverse_voicefilter.evaluation.metrics import sdr
 
     assert abs(float(rows[0]["sdr_before"]) - sdr(target, mixed)) < 1e-4
     assert abs(float(rows[1]["sdr_before"]) - sdr(mixed - target, mixed)) < 1e-4
@@ -198,7 +198,7 @@ def test_reversed_data_and_limit(setup, tmp_path):
 def test_reversed_flag_and_mixed_manifest(tmp_path):
     from reverse_voicefilter.core.hparams import HParam
     from reverse_voicefilter.data.samples import list_samples
-    from utils.evaluation import TARGET, decide_targets, split_reversed
+    from reverse_voicefilter.evaluation.evaluate import TARGET, decide_targets, split_reversed
 
     hp = HParam()
     split = make_test_folder(tmp_path / "a", count=2, manifest=False)
@@ -241,7 +241,8 @@ def test_stale_temporaries_are_cleared_and_threads_logged(evaluated):
 
 def test_unwritable_out_dir_is_one_line_before_any_work(setup, tmp_path, capsys, monkeypatch):
     import evaluate
-    from utils import evaluation, separation
+    from reverse_voicefilter.evaluation import evaluate as evaluation
+    from reverse_voicefilter.separation import separator as separation
 
     blocker = tmp_path / "somefile.txt"
     blocker.write_text("a file, not a folder")
@@ -270,9 +271,9 @@ def model_trained_on(setup, root, reverse):
 def test_org_is_scored_against_the_speaker_the_model_keeps(setup, tmp_path, caplog, flag):
     """A normal model on a reversed folder: org keeps the reference speaker, so it is scored against
     -mixed.wav minus -target.wav, with a warning; --reversed True says otherwise."""
-    from utils.evaluation import run_evaluation
-    from utils.metrics import sdr
-    from utils.separation import load_separator
+    from reverse_voicefilter.evaluation.evaluate import run_evaluation
+    from reverse_voicefilter.evaluation.metrics import sdr
+    from reverse_voicefilter.separation.separator import load_separator
 
     checkpoint = model_trained_on(setup, tmp_path / "model", reverse=False)
     split = make_test_folder(tmp_path / "rev", count=1, reversed_data=True)
@@ -298,7 +299,7 @@ def test_org_is_scored_against_the_speaker_the_model_keeps(setup, tmp_path, capl
         assert "holds" not in caplog.text
     assert why["folder_reversed"] is True and why["folder_reversed_source"] == "manifest"
 
-    from utils.evaluation import format_table
+    from reverse_voicefilter.evaluation.evaluate import format_table
 
     table = format_table(report["modes"], why)
     assert f"org: 1 samples, scored against {report['modes']['org']['reference_is']}" in table
@@ -370,7 +371,7 @@ def test_an_online_mixed_model_says_itself_what_org_keeps(tmp_path, reverse):
     """A model trained with data.mixing online has no training folder: its config's data.reverse_data
     decides what org keeps (before, evaluate.py fell back to the test folder and scored a reversed
     model's org against the wrong speaker)."""
-    from utils.evaluation import model_reversed
+    from reverse_voicefilter.evaluation.evaluate import model_reversed
     hp_str = (f"data:\n  mixing: online\n  reverse_data: {str(reverse).lower()}\n  libri_dir: {tmp_path}/gone\n")
     value, why = model_reversed(hp_str)
     assert value is reverse and "data.mixing online" in why

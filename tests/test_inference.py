@@ -1,4 +1,4 @@
-"""inference.py and utils/separation.py: parity with the original, bad input, batches, long inputs."""
+"""inference.py and separation/separator.py: parity with the original, bad input, batches, long inputs."""
 import os
 import subprocess
 import sys
@@ -16,7 +16,14 @@ from reverse_voicefilter.core.hparams import HParam
 from reverse_voicefilter.core.precision import BF16_ENV, cpu_has_native_bf16, cpu_runs_bf16
 from reverse_voicefilter.model.embedder import SpeechEmbedder, load_embedder
 from reverse_voicefilter.model.model import VoiceFilter
-from utils.separation import INV_DIV_EPS, MASK_MODES, Separator, apply_mask, config_mismatches, load_separator
+from reverse_voicefilter.separation.separator import (
+    INV_DIV_EPS,
+    MASK_MODES,
+    Separator,
+    apply_mask,
+    config_mismatches,
+    load_separator,
+)
 
 RATE = 16000
 # tiny.yaml plus a small embedder, so that an original-format embedder.pt is quick to make
@@ -278,7 +285,7 @@ def test_config_mismatch_is_reported(tiny):
 
 
 def test_checkpoint_of_a_fitting_but_different_config_warns(tiny, tmp_path, caplog):
-    from utils.separation import load_model
+    from reverse_voicefilter.separation.separator import load_model
 
     state = torch.load(tiny["checkpoint"], weights_only=True)
     state["hp_str"] = state["hp_str"].replace("hop_length: 160", "hop_length: 100")
@@ -354,7 +361,7 @@ def test_single_batch_and_folder_give_the_same_outputs(tiny, tiny_separator, tmp
 
 def test_paired_references_and_name_clash(tiny, tiny_separator, tmp_path):
     from reverse_voicefilter.core.errors import UserError
-    from utils.separation import output_plan, pair_references
+    from reverse_voicefilter.separation.separator import output_plan, pair_references
 
     a, b = Path("x/a.wav"), Path("y/a.wav")
     with pytest.raises(UserError, match="same output name"):
@@ -409,8 +416,7 @@ MEMORY_PROBE = """
 import sys
 sys.path.insert(0, {root!r})
 import inference
-from utils import separation
-
+from reverse_voicefilter.separation import separator as separation
 def current_mib(field):
     status = open("/proc/self/status").read()
     return int(status.split(field + ":")[1].split()[0]) / 1024
@@ -483,7 +489,7 @@ def test_help_and_flag_errors_answer_before_torch_is_imported(script, tmp_path):
 def test_mask_names_and_embedder_flag_are_shared(script):
     import importlib
 
-    from utils.separation_options import ALL_MODES, MASK_CHOICES
+    from reverse_voicefilter.separation.options import ALL_MODES, MASK_CHOICES
 
     module = importlib.import_module(script)
     parser = module.build_parser()
@@ -496,7 +502,7 @@ def test_mask_names_and_embedder_flag_are_shared(script):
 
 
 def test_mask_names_are_written_once():
-    """No second list of the mode names beside utils/separation_options.py."""
+    """No second list of the mode names beside reverse_voicefilter/separation/options.py."""
     for path in [ROOT / "inference.py", ROOT / "evaluate.py", *sorted((ROOT / "utils").glob("*.py"))]:
         if path.name != "separation_options.py":
             assert '"inv_div", "inv_sub"' not in path.read_text(), path
@@ -532,8 +538,7 @@ def test_config_comes_from_the_checkpoint_when_c_is_absent(tiny, tmp_path, capsy
 # ---- defects -------------------------------------------------------------------------------------------
 def test_unwritable_out_dir_is_one_line_before_any_work(tiny, tmp_path, capsys, monkeypatch):
     import inference
-    from utils import separation
-
+    from reverse_voicefilter.separation import separator as separation
     blocker = tmp_path / "somefile.txt"
     blocker.write_text("a file, not a folder")
     monkeypatch.setattr(separation, "load_separator", lambda *a, **k: pytest.fail("loaded the model first"))
@@ -554,7 +559,7 @@ def test_verbose_logs_files_model_device_threads_and_timings(tiny, tmp_path):
 
 
 def test_a_generator_folder_gives_its_mixtures_only(tmp_path):
-    from utils.separation_options import expand_inputs
+    from reverse_voicefilter.separation.options import expand_inputs
 
     for name in ("000000-mixed.wav", "000000-target.wav", "000001-mixed.wav", "000001-target.wav"):
         sf.write(tmp_path / name, voice(0.5, 200, 1), RATE)
@@ -564,7 +569,7 @@ def test_a_generator_folder_gives_its_mixtures_only(tmp_path):
 @pytest.mark.parametrize("embedder,seconds", [("tiny", 12700 / RATE), ("resemblyzer", 1.0)])
 def test_a_reference_shorter_than_the_embedders_window_warns(tiny, tmp_path, caplog, embedder, seconds):
     """The original embedder's window is 80 frames x 160 samples (0.8 s); resemblyzer's 1.6 s."""
-    from utils.separation import reference_dvecs
+    from reverse_voicefilter.separation.separator import reference_dvecs
 
     spec = tiny["embedder"] if embedder == "tiny" else "resemblyzer"
     separator = Separator(tiny["hp"], None, load_embedder(spec, tiny["hp"]), torch.device("cpu"))
@@ -623,7 +628,7 @@ def test_result_picture_shares_scales_and_has_real_axes(tiny, tiny_separator, tm
     """result.png: one colour scale for mixture and outputs, one for mask and gains; seconds and Hz;
     the file names in the title; the inverse modes' panel is the gain they applied."""
     from reverse_voicefilter.core import plotting
-    from utils.separation import save_result_picture
+    from reverse_voicefilter.separation.separator import save_result_picture
 
     figures = []
     monkeypatch.setattr(plotting, "_save_figure", lambda fig, path: figures.append(fig))

@@ -6,8 +6,8 @@ import torch
 
 from reverse_voicefilter.core.errors import UserError
 from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.training.schedule import apply_schedule, rate_factor
 from tests.test_trainer import data, read_events, train, write_config  # noqa: F401 (data: fixture)
-from utils.schedule import apply_schedule, rate_factor
 
 
 def test_warmup_then_cosine_to_the_final_ratio():

@@ -16,12 +16,12 @@ from reverse_voicefilter.core.checkpoint import load_checkpoint
 from reverse_voicefilter.core.errors import run_cli
 from reverse_voicefilter.core.hparams import HParam
 from reverse_voicefilter.data.dataloader import build_dataset, create_dataloader
+from reverse_voicefilter.evaluation.scoring import nan_median, score_sample
 from reverse_voicefilter.model.embedder import load_embedder
 from reverse_voicefilter.model.model import VoiceFilter
-from utils.scoring import nan_median, score_sample
-from utils.separation import Separator
-from utils.train import make_loss
-from utils.validation import Validator
+from reverse_voicefilter.separation.separator import Separator
+from reverse_voicefilter.training.train import make_loss
+from reverse_voicefilter.training.validation import Validator
 
 CPU = torch.device("cpu")
 # dB: what float rounding moves a median SDR by (evaluate.py folds the batch norms into the convolutions)

@@ -29,8 +29,8 @@ from reverse_voicefilter.core.hparams import HParam
 from reverse_voicefilter.data.dataloader import ResumableSampler, build_dataset
 from reverse_voicefilter.data.dvec_cache import cache_path
 from reverse_voicefilter.model.embedder import SpeechEmbedder, load_embedder
+from reverse_voicefilter.training.train import StopSignals, make_loss, run_training
 from trainer import main as trainer_main
-from utils.train import StopSignals, make_loss, run_training
 
 RATE = 16000
 N_TRAIN, N_TEST = 16, 4
@@ -472,7 +472,7 @@ def test_ddp_two_processes_gloo(data, tmp_path):
 
 def test_checkpoint_state_loads_weights_only(tmp_path):
     """The RNG states stored for exact resume survive ``torch.load(weights_only=True)``."""
-    from utils.training_state import rng_state, set_rng_state
+    from reverse_voicefilter.training.state import rng_state, set_rng_state
     save_checkpoint({"model": {}, "rng": rng_state()}, tmp_path / "c.pt")
     state = torch.load(tmp_path / "c.pt", weights_only=True)
     expected = (random.random(), np.random.random(), torch.rand(3))
@@ -489,7 +489,7 @@ def test_bf16_and_channels_last_steps_stay_close_to_fp32():
 
     from reverse_voicefilter.core.hparams import HParam
     from reverse_voicefilter.model.model import VoiceFilter
-    from utils.train import make_loss, train_step
+    from reverse_voicefilter.training.train import make_loss, train_step
 
     hp = HParam(str(ROOT / "config" / "tiny.yaml"))
     torch.manual_seed(0)
@@ -688,7 +688,7 @@ def test_threads_flag_sets_and_logs_the_thread_count(data, caplog):
 def test_training_state_round_trip():
     """state_dict -> load_state_dict restores the position, best score, optimizer and random state."""
     from reverse_voicefilter.model.model import VoiceFilter
-    from utils.training_state import TrainingState
+    from reverse_voicefilter.training.state import TrainingState
 
     hp = HParam(str(ROOT / "config" / "tiny.yaml"))
 

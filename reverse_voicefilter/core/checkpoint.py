@@ -1,7 +1,7 @@
 """Checkpoint files: written atomically, read safely, checked against the model.
 
 The file is the original's dict ``{model, optimizer, step, hp_str}`` plus what
-an exact resume needs (:class:`utils.training_state.TrainingState` writes it).
+an exact resume needs (:class:`reverse_voicefilter.training.state.TrainingState` writes it).
 Loading always uses ``weights_only=True``: a checkpoint from the internet cannot
 run code. The second half is the training run's checkpoint folder
 ``chkpt/NAME``: ``chkpt_STEP.pt``, ``best.pt`` and ``config.yaml``, how a run
@@ -185,7 +185,7 @@ def _warn_other_embedder(ckpt, state):
 
 
 def resume(path, state, hp):
-    """Continue ``state`` (a :class:`utils.training_state.TrainingState`) from checkpoint ``path``.
+    """Continue ``state`` (a :class:`reverse_voicefilter.training.state.TrainingState`) from checkpoint ``path``.
 
     Weights that do not fit are an error naming the parameter; a config that differs is a
     warning listing the hyper-parameters. The best score is kept only when it was measured on

@@ -49,11 +49,11 @@ from reverse_voicefilter.data.dataloader import build_dataset, create_dataloader
 from reverse_voicefilter.data.online import create_online_loader
 from reverse_voicefilter.model.embedder import load_embedder
 from reverse_voicefilter.model.model import VoiceFilter, count_parameters
-from utils.distributed import Dist, barrier, is_main_process, setup_distributed, sync_step, wrap
-from utils.schedule import apply_schedule
-from utils.training_state import TrainingState, seed_everything
-from utils.validation import Validator
-from utils.writer import MyWriter
+from reverse_voicefilter.training.distributed import Dist, barrier, is_main_process, setup_distributed, sync_step, wrap
+from reverse_voicefilter.training.schedule import apply_schedule
+from reverse_voicefilter.training.state import TrainingState, seed_everything
+from reverse_voicefilter.training.validation import Validator
+from reverse_voicefilter.training.writer import MyWriter
 
 logger = logging.getLogger(__name__)
 

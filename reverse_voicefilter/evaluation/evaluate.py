@@ -12,8 +12,8 @@ Metrics: SDR (mir_eval ``bss_eval_sources``, as the original's validation) and
 SI-SDR, before (the mixture) and after (the output), and the speaker
 similarity (cosine) of the mixture's and the output's d-vectors with the
 reference's d-vector. Spectrograms and the network run batched on the device
-(:class:`utils.separation.Separator`); mir_eval runs per sample on the CPU,
-optionally in a process pool. Separation and SDR follow :mod:`utils.scoring`,
+(:class:`reverse_voicefilter.separation.separator.Separator`); mir_eval runs per sample on the CPU,
+optionally in a process pool. Separation and SDR follow :mod:`reverse_voicefilter.evaluation.scoring`,
 the path the trainer's validation takes too.
 """
 import csv
@@ -38,7 +38,7 @@ from reverse_voicefilter.core.hparams import HParam
 from reverse_voicefilter.data.dvec_cache import load_dvecs, reference_key
 from reverse_voicefilter.data.generation import SETTINGS_FILE
 from reverse_voicefilter.data.samples import list_samples, read_manifest
-from utils.scoring import (  # noqa: F401 (TARGET, RESIDUAL, reference_kind, score_sample: re-exported)
+from reverse_voicefilter.evaluation.scoring import (  # noqa: F401 (TARGET, RESIDUAL, reference_kind, score_sample: re-exported)
     RESIDUAL,
     TARGET,
     check_lengths,

@@ -1,9 +1,9 @@
 """Validation during training: the whole test set (or its first ``train.validation_samples``)
-through the model, scored by evaluate.py's path (:mod:`utils.scoring`): the median SDR the
+through the model, scored by evaluate.py's path (:mod:`reverse_voicefilter.evaluation.scoring`): the median SDR the
 trainer logs and keeps ``best.pt`` by is the one ``evaluate.py --mask org`` reports for the
 same checkpoint and folder (to float rounding).
 
-Each sample goes to the :class:`~utils.separation.Separator` at its own length: the test
+Each sample goes to the :class:`~reverse_voicefilter.separation.separator.Separator` at its own length: the test
 loader's zero-padded batches are not used (padding reaches the real frames through the BLSTM
 and the dilated convolutions, so the score of a sample would depend on its batch-mates).
 Samples of the same length go through the network together, samples longer than
@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from reverse_voicefilter.core.errors import UserError
-from utils.scoring import TARGET, check_lengths, nan_mean, nan_median, score_sample
-from utils.separation import Separator
+from reverse_voicefilter.evaluation.scoring import TARGET, check_lengths, nan_mean, nan_median, score_sample
+from reverse_voicefilter.separation.separator import Separator
 
 
 @dataclass

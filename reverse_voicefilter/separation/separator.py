@@ -42,7 +42,7 @@ from reverse_voicefilter.core.hparams import HParam, config_changes
 from reverse_voicefilter.core.precision import autocast, check_precision
 from reverse_voicefilter.model.embedder import RESEMBLYZER, ResemblyzerEncoder, load_embedder
 from reverse_voicefilter.model.model import VoiceFilter
-from utils.separation_options import (  # noqa: F401 (re-exported: the library's one namespace)
+from reverse_voicefilter.separation.options import (  # noqa: F401 (re-exported: the library's one namespace)
     ALL_MODES,
     BATCH_SIZE,
     CHUNK_SECONDS,

@@ -5,10 +5,10 @@ checkpoint the trainer keeps as ``best.pt`` is chosen by the figure evaluate.py
 reports (to float rounding: evaluate.py folds the batch norms into the
 convolutions, the trainer's model keeps them):
 
-* the estimate: :meth:`utils.separation.Separator.separate_stream`: the
+* the estimate: :meth:`reverse_voicefilter.separation.separator.Separator.separate_stream`: the
   mixture's normalized magnitude and phase recomputed from ``-mixed.wav`` on
   the device (``Audio.wav2spec_torch``), the mask applied by
-  :func:`utils.separation.apply_mask`, the inverse STFT with the mixture's
+  :func:`reverse_voicefilter.separation.separator.apply_mask`, the inverse STFT with the mixture's
   phase at the mixture's length; each mixture at its own length (batched only
   with mixtures of the same length, never zero-padded), those longer than
   ``CHUNK_SECONDS`` in chunks with context, so any length fits in bounded memory;
@@ -22,7 +22,7 @@ convolutions, the trainer's model keeps them):
 import numpy as np
 
 from reverse_voicefilter.core.errors import UserError
-from utils.metrics import sdr, si_sdr
+from reverse_voicefilter.evaluation.metrics import sdr, si_sdr
 
 TARGET, RESIDUAL = "target", "mixed_minus_target"
 
