@@ -62,7 +62,7 @@ def main(argv=None):
     chkpt = out / "chkpt" / name / f"chkpt_{last_step}.pt"
     started = time.perf_counter()
 
-    run("synthetic corpus", ["-m", "prepare.demo_corpus", "-o", corpus])
+    run("synthetic corpus", ["-m", "reverse_voicefilter.prepare.demo_corpus", "-o", corpus])
     run("generate mixtures", ["generator.py", "-c", CONFIG, "-d", corpus, "-o", data, "-p", "2",
                               "--train_size", args.train_size, "--test_size", args.test_size,
                               "--train_subsets", "train-clean-100", "--reverse_data", "False"])

@@ -5,7 +5,7 @@ The ``ge2e`` section of the config says where the speakers are and how to train
 (config/ge2e-*.yaml); the ``embedder`` section sizes the network. Checkpoints, the
 embedder file ``embedder.pt`` (pass it to trainer.py, inference.py, evaluate.py and
 evaluate_embedder.py with ``-e``) and the run's config go to ``BASE/chkpt/NAME/``,
-TensorBoard events to ``BASE/logs/NAME``. The procedure lives in :mod:`embedding.train`.
+TensorBoard events to ``BASE/logs/NAME``. The procedure lives in :mod:`reverse_voicefilter.embedding.train`.
 """
 import logging
 
@@ -38,7 +38,7 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     setup_console_logging()
-    from embedding.config import load_ge2e_config  # yaml and utils only: no torch yet
+    from reverse_voicefilter.embedding.config import load_ge2e_config  # yaml and utils only: no torch yet
 
     hp = load_ge2e_config(args.config)
     if args.max_steps is not None:
@@ -51,7 +51,7 @@ def main(argv=None):
         hp.ge2e.vox_dir = args.vox_dir
     apply_threads(args.threads, logging.getLogger("embedder_trainer"))
 
-    from embedding.train import run_training  # torch and friends: after the flags are checked
+    from reverse_voicefilter.embedding.train import run_training  # torch and friends: after the flags are checked
     return run_training(hp, args.model, base_dir=args.base_dir, checkpoint_path=args.checkpoint_path,
                         device=args.device)
 

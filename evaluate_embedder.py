@@ -12,7 +12,6 @@ histograms) or ``OUT_DIR/det.png`` (``--plot det``).
 import logging
 import time
 
-from embedding.config import load_ge2e_config
 from reverse_voicefilter.core.cli import (
     UserErrorParser,
     add_device_flag,
@@ -24,6 +23,7 @@ from reverse_voicefilter.core.cli import (
 )
 from reverse_voicefilter.core.errors import UserError, run_cli
 from reverse_voicefilter.core.hparams import DEFAULT_CONFIG
+from reverse_voicefilter.embedding.config import load_ge2e_config
 
 logger = logging.getLogger("evaluate_embedder")
 
@@ -75,8 +75,8 @@ def main(argv=None):
     hp = load_ge2e_config(args.config or DEFAULT_CONFIG)  # a VoiceFilter config, or a GE2E one
     out_dir = check_writable_dir(args.out_dir, "-o")
 
-    from embedding.eer import evaluate_trials, folder_trials, read_trials
-    from embedding.report import save_det_curve, save_score_histogram, write_report
+    from reverse_voicefilter.embedding.eer import evaluate_trials, folder_trials, read_trials
+    from reverse_voicefilter.embedding.report import save_det_curve, save_score_histogram, write_report
     from reverse_voicefilter.model.embedder import load_embedder
 
     if args.trials:

@@ -10,7 +10,7 @@ Data: ``../shared/data/librispeech-mini`` (``--data``). Its train-clean-100 subs
 utterance per speaker, too few for a training split, so both splits draw from test-other
 (10 speakers x 10 utterances; ``--exclude_test_speakers False``), read as FLAC
 (``--input_glob '*.flac'``). Without that folder the synthetic demo corpus
-(``python -m prepare.demo_corpus``) is written to a temporary folder first, and the table says so.
+(``python -m reverse_voicefilter.prepare.demo_corpus``) is written to a temporary folder first, and the table says so.
 
 Figures: samples/s over the whole command (start-up, speaker scan, pool, both splits), the
 start-up-free rate of the training split that the generator logs (``train: N samples in ...,
@@ -76,7 +76,7 @@ def prepare_corpus(args, workdir):
         return {"kind": "librispeech-mini", "dir": str(Path(args.data).resolve())}
     out = Path(workdir) / "demo_corpus"
     print(f"  {args.data} not found: writing the synthetic demo corpus to {out}", file=sys.stderr, flush=True)
-    common.run_tool([sys.executable, "-m", "prepare.demo_corpus", "-o", out, "-q"])
+    common.run_tool([sys.executable, "-m", "reverse_voicefilter.prepare.demo_corpus", "-o", out, "-q"])
     return {"kind": "synthetic demo corpus", "dir": str(out)}
 
 

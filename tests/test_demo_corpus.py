@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from prepare import demo_corpus
 from reverse_voicefilter.core.atomic import is_temporary
+from reverse_voicefilter.prepare import demo_corpus
 
 SMALL = {"train-clean-100": (3, 2), "dev-clean": (2, 2)}
 DURATION = (1.5, 2.5)
@@ -162,7 +162,7 @@ def test_bad_arguments_are_value_errors(tmp_path, subsets, duration):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "prepare.demo_corpus", *args],
+    return subprocess.run([sys.executable, "-m", "reverse_voicefilter.prepare.demo_corpus", *args],
                           capture_output=True, text=True, timeout=120)
 
 

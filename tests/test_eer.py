@@ -10,9 +10,9 @@ import pytest
 import torch
 from conftest import ROOT
 
-from embedding.eer import equal_error_rate, error_rates, folder_trials, read_trials
 from reverse_voicefilter.core.errors import UserError
 from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.embedding.eer import equal_error_rate, error_rates, folder_trials, read_trials
 from reverse_voicefilter.model.embedder import SpeechEmbedder
 
 SCRIPT_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -91,7 +91,7 @@ def test_folder_trials_all_pairs_and_seeded_sample():
 # ---- the command -----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def speakers_dir(tmp_path_factory):
-    from prepare.demo_corpus import make_corpus
+    from reverse_voicefilter.prepare.demo_corpus import make_corpus
 
     root = tmp_path_factory.mktemp("eer")
     make_corpus(root, {"dev-clean": (3, 3)}, duration=(1.5, 2.0), jobs=1, progress=False)

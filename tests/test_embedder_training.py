@@ -16,12 +16,12 @@ from test_inference import one_torch_thread  # noqa: F401  (autouse: one thread 
 from test_trainer import read_events as read_scalars
 
 from embedder_trainer import main as trainer_main
-from embedding.config import load_ge2e_config
-from embedding.data import split_into_crops
-from embedding.ge2e import GE2ELoss
 from reverse_voicefilter.core.checkpoint import load_checkpoint
 from reverse_voicefilter.core.errors import UserError
 from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.embedding.config import load_ge2e_config
+from reverse_voicefilter.embedding.data import split_into_crops
+from reverse_voicefilter.embedding.ge2e import GE2ELoss
 from reverse_voicefilter.model.embedder import RESEMBLYZER, SpeechEmbedder, load_embedder
 
 SCRIPT_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -29,7 +29,7 @@ SCRIPT_ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    from prepare.demo_corpus import make_corpus
+    from reverse_voicefilter.prepare.demo_corpus import make_corpus
 
     root = tmp_path_factory.mktemp("ge2e-corpus")
     make_corpus(root, {"train-clean-100": (8, 4), "dev-clean": (4, 4)}, duration=(1.5, 2.0), jobs=1, progress=False)
@@ -39,7 +39,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def long_corpus(tmp_path_factory):
     """Utterances long enough for the mixture generator (4-6 s)."""
-    from prepare.demo_corpus import make_corpus
+    from reverse_voicefilter.prepare.demo_corpus import make_corpus
 
     root = tmp_path_factory.mktemp("long-corpus")
     make_corpus(root, {"train-clean-100": (3, 3), "dev-clean": (3, 3)}, jobs=1, progress=False)
@@ -109,7 +109,7 @@ def test_split_into_crops_cuts_disjoint_pieces(tmp_path):
 
 
 def test_speakers_of_librispeech_and_voxceleb_together(corpus, tmp_path):
-    from embedding.data import find_training_speakers
+    from reverse_voicefilter.embedding.data import find_training_speakers
 
     for speaker in range(4):
         for utt in range(2):
@@ -127,7 +127,7 @@ def test_speakers_of_librispeech_and_voxceleb_together(corpus, tmp_path):
 
 
 def test_batches_depend_on_seed_and_step_only_with_or_without_workers(corpus):
-    from embedding.data import BatchSource, find_training_speakers, utterance_lists
+    from reverse_voicefilter.embedding.data import BatchSource, find_training_speakers, utterance_lists
 
     hp = load_ge2e_config(ROOT / "config" / "ge2e-tiny.yaml")
     hp.ge2e.libri_dir = str(corpus)
@@ -272,8 +272,8 @@ def test_written_embedder_works_with_e_in_trainer_and_inference(corpus, long_cor
 
 
 def test_fine_tuning_starts_from_resemblyzers_weights(corpus, tmp_path):
-    from embedding.eer import evaluate_trials
-    from embedding.train import load_utterance, validation_set
+    from reverse_voicefilter.embedding.eer import evaluate_trials
+    from reverse_voicefilter.embedding.train import load_utterance, validation_set
 
     config = write_config(tmp_path / "c.yaml", {"architecture": RESEMBLYZER, "init": "resemblyzer", "max_steps": 1,
                                                 "speakers_per_batch": 2, "utterances_per_speaker": 2,
@@ -282,7 +282,7 @@ def test_fine_tuning_starts_from_resemblyzers_weights(corpus, tmp_path):
     assert train(tmp_path, "ft", config, corpus_dir=corpus) == 0
     hp = load_ge2e_config(config)
     hp.ge2e.libri_dir = str(corpus)
-    from embedding.data import find_training_speakers
+    from reverse_voicefilter.embedding.data import find_training_speakers
     trials = validation_set(hp, find_training_speakers(hp.ge2e)[1])
     expected = evaluate_trials(load_embedder("resemblyzer", hp), trials, load=load_utterance)["eer"]
     history = load_checkpoint(tmp_path / "chkpt" / "ft" / "chkpt_1.pt")["eer_history"]
@@ -349,7 +349,7 @@ def test_config_errors_name_the_file_and_key(tmp_path, text, message):
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "config").glob("ge2e-*.yaml")))
 def test_shipped_ge2e_configs_are_valid(name):
-    from embedding.train import check_config
+    from reverse_voicefilter.embedding.train import check_config
 
     check_config(load_ge2e_config(ROOT / "config" / name))
 

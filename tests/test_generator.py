@@ -17,7 +17,6 @@ import tqdm
 from conftest import LIBRI_MINI, ROOT, need
 
 import generator
-from prepare.demo_corpus import make_corpus
 from reverse_voicefilter.core.audio import Audio
 from reverse_voicefilter.core.errors import UserError, run_cli
 from reverse_voicefilter.core.hparams import HParam
@@ -26,6 +25,7 @@ from reverse_voicefilter.data.generation import generate
 from reverse_voicefilter.data.mixing import MAX_ATTEMPTS, SPLIT_CODES, Mixer, magnitude, make_mixture, plan_candidates
 from reverse_voicefilter.data.samples import list_samples, read_manifest
 from reverse_voicefilter.data.speakers import Speakers, split_speakers
+from reverse_voicefilter.prepare.demo_corpus import make_corpus
 
 TINY = ROOT / "config" / "tiny.yaml"
 TRAIN_SPEAKERS, TEST_SPEAKERS = 6, 4
@@ -480,7 +480,7 @@ def test_no_speakers_message_says_what_the_folders_hold(tmp_path, libri_mini, ca
     assert code == 2
     assert "no training speaker with two or more '*-norm.wav' files" in err
     assert "251 speaker folders hold one '*-norm.wav' file each" in err and "--only_dev True" in err
-    assert "normalize-resample" not in err and "prepare.normalize" not in err
+    assert "normalize-resample" not in err and "reverse_voicefilter.prepare.normalize" not in err
     flac = libri_tree(tmp_path / "flac", libri_mini, {"train-clean-100": "test-other", "dev-clean": "test-other"},
                       norm=False)
     code, _, err = cli(capsys, "-d", flac, "-o", tmp_path / "o2", "-p", "1", "--train_subsets", "train-clean-100")

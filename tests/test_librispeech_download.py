@@ -11,9 +11,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from prepare import librispeech
-from prepare.librispeech import DownloadError
 from reverse_voicefilter.core.errors import UserError
+from reverse_voicefilter.prepare import librispeech
+from reverse_voicefilter.prepare.librispeech import DownloadError
 
 SUBSET = "dev-clean"
 FLAC = f"LibriSpeech/{SUBSET}/84/121123/84-121123-0000.flac"
@@ -279,8 +279,8 @@ def test_archive_of_another_subset_is_refused(tmp_path, server):
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "prepare.librispeech", *args], capture_output=True, text=True,
-                          timeout=120, env=NO_PROXY_ENV)
+    return subprocess.run([sys.executable, "-m", "reverse_voicefilter.prepare.librispeech", *args], capture_output=True,
+                          text=True, timeout=120, env=NO_PROXY_ENV)
 
 
 def test_cli_downloads(tmp_path, server):

@@ -1,4 +1,4 @@
-"""normalize-resample.sh and prepare.normalize: 16 kHz mono -norm.wav next to every .flac."""
+"""normalize-resample.sh and reverse_voicefilter.prepare.normalize: 16 kHz mono -norm.wav next to every .flac."""
 import os
 import shutil
 import signal
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from prepare import normalize
 from reverse_voicefilter.core.atomic import is_temporary
+from reverse_voicefilter.prepare import normalize
 
 pytest.importorskip("ffmpeg_normalize")
 if not shutil.which("ffmpeg"):
@@ -155,7 +155,7 @@ def test_python_normalizes_skips_and_reports(tree):
 def run_python_cli(*args):
     env = {**os.environ, "PATH": "/usr/bin:/bin"}
     env.pop("FFMPEG_PATH", None)
-    return subprocess.run([sys.executable, "-m", "prepare.normalize", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "reverse_voicefilter.prepare.normalize", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -199,7 +199,7 @@ def test_copied_script_without_a_repository_says_what_to_set(tree, tmp_path_fact
     assert "VOICEFILTER_HOME" in result.stderr and result.stderr.count("\n") == 1
     wrong = run_script(tree, VOICEFILTER_HOME=str(tree))
     assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1
-    assert wrong.stderr.startswith(f"error: VOICEFILTER_HOME={tree} holds no prepare/normalize.py")
+    assert wrong.stderr.startswith(f"error: VOICEFILTER_HOME={tree} holds no reverse_voicefilter/prepare/normalize.py")
     assert outputs(tree) == []
 
 
@@ -235,7 +235,8 @@ def test_ctrl_c_cancels_the_files_not_started(tmp_path):
     env = script_env(path=f"{fake}:/usr/bin:/bin")
     # Ctrl-C's default disposition in the child: an ignored SIGINT is inherited (seen in a full-suite run:
     # the child ignored it and finished every file, exit 0), and Python only handles one it finds at default
-    process = subprocess.Popen([sys.executable, "-m", "prepare.normalize", str(tmp_path / "1"), "-j", "1", "-q"],
+    process = subprocess.Popen([sys.executable, "-m", "reverse_voicefilter.prepare.normalize", str(tmp_path / "1"),
+                                "-j", "1", "-q"],
                                cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60

@@ -33,7 +33,7 @@ ONLINE = {"data": {"audio_len": 1.0, "mixing": "online", "train_subsets": ["trai
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A demo corpus, the generator's folders of it (seed 0, and reversed), a config and a tiny embedder."""
-    from prepare.demo_corpus import make_corpus
+    from reverse_voicefilter.prepare.demo_corpus import make_corpus
 
     root = tmp_path_factory.mktemp("online")
     corpus = root / "corpus"

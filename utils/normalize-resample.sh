@@ -10,9 +10,9 @@
 #   -j JOBS   parallel jobs (default: $N if set, else one per core)
 #   -v        name each file as it is finished
 #
-# A thin wrapper: `python -m prepare.normalize` does the work (skips files already done, waits
+# A thin wrapper: `python -m reverse_voicefilter.prepare.normalize` does the work (skips files done, waits
 # for every job, exits 1 naming the files that failed, or when there is no .flac at all).
-# The python is $PYTHON, else python3 (or python) on PATH. The repository holding prepare/ is,
+# The python is $PYTHON, else python3 (or python) on PATH. The repository holding the package is,
 # in this order: $VOICEFILTER_HOME; the folder above this script (run in place); the folder
 # holding that python's venv (the .venv that the README and the Makefile create in it).
 set -uo pipefail
@@ -39,10 +39,10 @@ root="${1:-.}"
 python="${PYTHON:-$(command -v python3 || command -v python || true)}"
 [[ -n "$python" ]] || die "no python on PATH: activate the project's venv (. .venv/bin/activate) or set PYTHON"
 
-holds_module() { [[ -f "$1/prepare/normalize.py" ]]; }
+holds_module() { [[ -f "$1/reverse_voicefilter/prepare/normalize.py" ]]; }
 if [[ -n "${VOICEFILTER_HOME:-}" ]]; then
     repo="$VOICEFILTER_HOME"
-    holds_module "$repo" || die "VOICEFILTER_HOME=$repo holds no prepare/normalize.py: set it to the repository"
+    holds_module "$repo" || die "VOICEFILTER_HOME=$repo holds no reverse_voicefilter/prepare/normalize.py: set it to the repository"
 elif holds_module "$(dirname "$0")/.."; then
     repo="$(dirname "$0")/.."
 else
@@ -53,8 +53,8 @@ fi
 repo="$(cd "$repo" && pwd)"
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
-if ! msg=$("$python" -c 'import prepare.normalize, tqdm' 2>&1); then
-    die "$python cannot run prepare.normalize from $repo ($(printf '%s' "$msg" | tail -n 1));" \
+if ! msg=$("$python" -c 'import reverse_voicefilter.prepare.normalize, tqdm' 2>&1); then
+    die "$python cannot run reverse_voicefilter.prepare.normalize from $repo ($(printf '%s' "$msg" | tail -n 1));" \
         "activate the project's venv or set PYTHON to its python"
 fi
-exec "$python" -m prepare.normalize ${jobs:+-j "$jobs"} ${verbose:+--verbose} -- "$root"
+exec "$python" -m reverse_voicefilter.prepare.normalize ${jobs:+-j "$jobs"} ${verbose:+--verbose} -- "$root"

@@ -142,8 +142,8 @@ def resolve_triplets(triplets, finder, skip_missing=False):
             f"row {t.row} (line {t.line}) of the triplet file names utterance {absent[0]}, but no "
             f"{absent[0]}{finder.suffix} is under {finder.root} (looked in its subset folders, e.g. dev-clean/ "
             f"and dev-other/){more}: download dev-clean and dev-other "
-            f"(python -m prepare.librispeech -o DIR --subsets dev-clean dev-other), or pass --skip_missing "
-            f"to leave such rows out")
+            f"(python -m reverse_voicefilter.prepare.librispeech -o DIR --subsets dev-clean dev-other), or pass "
+            f"--skip_missing to leave such rows out")
     return jobs, len(missing)
 
 

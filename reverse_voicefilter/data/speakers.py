@@ -113,7 +113,7 @@ def why_no_speakers(folders, pattern, advice=None):
         what = f"no '{pattern}' files at all" if none == len(found) else f"{none} hold no '{pattern}' file"
         if other:
             what += (f" (the folders hold {other} files: run utils/normalize-resample.sh (or python -m "
-                     f"prepare.normalize) or pass --input_glob '{other}')")
+                     f"reverse_voicefilter.prepare.normalize) or pass --input_glob '{other}')")
         parts.append(what)
     return "; ".join(parts)
 

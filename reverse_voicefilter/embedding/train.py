@@ -1,9 +1,9 @@
 """The procedure behind ``embedder_trainer.py``: GE2E training of a speaker encoder.
 
-Reads top to bottom: config checks, folders, speakers (:mod:`embedding.data`), network and
+Reads top to bottom: config checks, folders, speakers (:mod:`reverse_voicefilter.embedding.data`), network and
 loss, optimizer, resume, then the loop of :func:`train_step` with TensorBoard summaries and,
 every ``ge2e.checkpoint_interval`` steps, the validation EER on held-out speakers
-(:func:`embedding.eer.evaluate_trials`, the function evaluate_embedder.py uses), a training
+(:func:`reverse_voicefilter.embedding.eer.evaluate_trials`, the function evaluate_embedder.py uses), a training
 checkpoint ``chkpt_STEP.pt`` and the embedder file ``embedder.pt``, all written atomically.
 
 ``embedder.pt`` is what ``-e`` reads: for the original architecture the original's bare
@@ -26,16 +26,16 @@ import torch
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from embedding.config import ge2e_config_changes
-from embedding.data import BatchSource, find_training_speakers, utterance_lists
-from embedding.eer import evaluate_trials, folder_trials
-from embedding.ge2e import GE2ELoss
 from reverse_voicefilter.core.atomic import remove_stale_temporaries, save_torch, write_text
 from reverse_voicefilter.core.audio import Audio, load_wav
 from reverse_voicefilter.core.checkpoint import load_checkpoint, load_model_weights
 from reverse_voicefilter.core.cli import check_writable_dir, pick_device
 from reverse_voicefilter.core.errors import TrainingDiverged, UserError
 from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.embedding.config import ge2e_config_changes
+from reverse_voicefilter.embedding.data import BatchSource, find_training_speakers, utterance_lists
+from reverse_voicefilter.embedding.eer import evaluate_trials, folder_trials
+from reverse_voicefilter.embedding.ge2e import GE2ELoss
 from reverse_voicefilter.model.embedder import (
     RESEMBLYZER,
     DvecEmbedder,

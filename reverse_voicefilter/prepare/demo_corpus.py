@@ -26,8 +26,8 @@ byte-identical files, in any order and with any number of workers.
 
 Usage::
 
-    python -m prepare.demo_corpus -o demo/librispeech
-    python -m prepare.demo_corpus -o DIR --seed 1 --speakers train-clean-100=40x6 dev-clean=10x6
+    python -m reverse_voicefilter.prepare.demo_corpus -o demo/librispeech
+    python -m reverse_voicefilter.prepare.demo_corpus -o DIR --seed 1 --speakers train-clean-100=40x6 dev-clean=10x6
 """
 
 from __future__ import annotations
@@ -540,10 +540,10 @@ def _parse_subset(text: str) -> tuple[str, tuple[int, int]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line interface of ``python -m prepare.demo_corpus``."""
+    """Command-line interface of ``python -m reverse_voicefilter.prepare.demo_corpus``."""
     default = " ".join(f"{k}={n}x{m}" for k, (n, m) in DEFAULT_SUBSETS.items())
     parser = UserErrorParser(
-        prog="python -m prepare.demo_corpus",
+        prog="python -m reverse_voicefilter.prepare.demo_corpus",
         description="Write a synthetic multi-speaker speech corpus in the LibriSpeech layout "
                     "(ROOT/SUBSET/SPEAKER/CHAPTER/*-norm.wav, 16 kHz mono).")
     parser.add_argument("-o", "--output", required=True, help="corpus root folder")

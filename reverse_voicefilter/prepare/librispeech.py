@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m prepare.librispeech -o DIR [--subsets dev-clean train-clean-100 ...]
+    python -m reverse_voicefilter.prepare.librispeech -o DIR [--subsets dev-clean train-clean-100 ...]
                                 [--base-url URL] [--keep-archive] [--md5 SUBSET=HASH]
 
 Each subset ``S`` is fetched from ``{base_url}/S.tar.gz`` into ``DIR/S.tar.gz.part``,
@@ -344,9 +344,9 @@ def _parse_md5(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line interface of ``python -m prepare.librispeech``."""
+    """Command-line interface of ``python -m reverse_voicefilter.prepare.librispeech``."""
     parser = UserErrorParser(
-        prog="python -m prepare.librispeech",
+        prog="python -m reverse_voicefilter.prepare.librispeech",
         description="Download LibriSpeech subsets, verify their MD5 and extract them into "
                     "OUTPUT/LibriSpeech/SUBSET.")
     parser.add_argument("-o", "--output", required=True,

@@ -7,15 +7,15 @@ import platform
 
 import numpy as np
 
-from embedding.eer import error_rates
 from reverse_voicefilter.core.atomic import atomic_path, write_text
 from reverse_voicefilter.core.plotting import save_histogram
+from reverse_voicefilter.embedding.eer import error_rates
 
 PLOTS = ("histogram", "det")
 
 
 def write_report(path, result, meta):
-    """``result`` from :func:`embedding.eer.evaluate_trials`; ``meta``: what was scored, with what."""
+    """``result`` from :func:`eer.evaluate_trials`; ``meta``: what was scored, with what."""
     report = {**meta, "eer": result["eer"], "eer_percent": round(100 * result["eer"], 3),
               "threshold": result["threshold"], "same_trials": result["same_trials"],
               "different_trials": result["different_trials"], "utterances": result["utterances"],

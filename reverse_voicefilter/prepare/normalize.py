@@ -3,7 +3,7 @@
 The one implementation: ``utils/normalize-resample.sh`` only finds a python
 and this module and runs it::
 
-    python -m prepare.normalize ROOT [-j JOBS] [-v] [-q]
+    python -m reverse_voicefilter.prepare.normalize ROOT [-j JOBS] [-v] [-q]
 
 Each ``NAME.flac`` gets ``NAME-norm.wav`` next to it, made by
 ``ffmpeg-normalize NAME.flac -ar 16000 -ac 1`` (EBU R128 loudness
@@ -158,9 +158,9 @@ def _run_jobs(todo: list[Path], jobs: int, summary: NormalizeSummary, progress: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Command-line interface of ``python -m prepare.normalize``."""
+    """Command-line interface of ``python -m reverse_voicefilter.prepare.normalize``."""
     parser = UserErrorParser(
-        prog="python -m prepare.normalize",
+        prog="python -m reverse_voicefilter.prepare.normalize",
         description="Write NAME-norm.wav (EBU R128 loudness-normalized, 16 kHz mono) next to every "
                     "NAME.flac below ROOT with ffmpeg-normalize.")
     parser.add_argument("root", help="folder to search for .flac files (e.g. the LibriSpeech root)")
