@@ -60,7 +60,7 @@ RECIPES = {
     "warm-start": {},
 }
 # trainer.py flags of a recipe, beside its config changes
-RECIPE_FLAGS = {"warm-start": ["--init_from", str(ROOT / "assets" / "demo-tiny-6000.pt")]}
+RECIPE_FLAGS = {"warm-start": ["--init_from", str(ROOT / "reverse_voicefilter" / "assets" / "demo-tiny-6000.pt")]}
 POLL_SECONDS = 15  # how often a running trainer's folder is looked at for checkpoints to score
 
 

@@ -6,7 +6,7 @@ import sys
 import pytest
 from conftest import ROOT
 
-import demo
+from reverse_voicefilter.commands import demo
 
 DEMO = [sys.executable, str(ROOT / "demo.py")]
 

@@ -15,7 +15,7 @@ from conftest import ROOT
 from test_inference import one_torch_thread  # noqa: F401  (autouse: one thread here too)
 from test_trainer import read_events as read_scalars
 
-from embedder_trainer import main as trainer_main
+from reverse_voicefilter.commands.embedder_trainer import main as trainer_main
 from reverse_voicefilter.core.checkpoint import load_checkpoint
 from reverse_voicefilter.core.errors import UserError
 from reverse_voicefilter.core.hparams import HParam

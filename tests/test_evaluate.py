@@ -214,7 +214,7 @@ def test_reversed_flag_and_mixed_manifest(tmp_path):
 
 @pytest.mark.parametrize("case", ["missing folder", "empty folder", "bogus mask", "negative limit", "zero jobs"])
 def test_bad_input_is_one_error_line(setup, tmp_path, case, capsys):
-    import evaluate
+    from reverse_voicefilter.commands import evaluate
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -240,7 +240,7 @@ def test_stale_temporaries_are_cleared_and_threads_logged(evaluated):
 
 
 def test_unwritable_out_dir_is_one_line_before_any_work(setup, tmp_path, capsys, monkeypatch):
-    import evaluate
+    from reverse_voicefilter.commands import evaluate
     from reverse_voicefilter.evaluation import evaluate as evaluation
     from reverse_voicefilter.separation import separator as separation
 
@@ -307,7 +307,7 @@ def test_org_is_scored_against_the_speaker_the_model_keeps(setup, tmp_path, capl
 
 
 def test_config_comes_from_the_checkpoint_when_c_is_absent(setup, tmp_path, capsys):
-    import evaluate
+    from reverse_voicefilter.commands import evaluate
 
     argv = ["-e", setup["embedder"], "--checkpoint_path", setup["checkpoint"], "-d", setup["split"], "-o",
             tmp_path / "out", "--mask", "org", "--limit", "1"]
@@ -320,7 +320,7 @@ def test_config_comes_from_the_checkpoint_when_c_is_absent(setup, tmp_path, caps
 def test_samples_shorter_than_the_embedders_window_are_scored_without_similarity(setup, tmp_path, capsys):
     """0.5 s mixtures: too short for the original embedder's window (0.79 s here), but SDR needs no
     d-vector: they are scored, and their speaker similarity is left out (NaN), not the run stopped."""
-    import evaluate
+    from reverse_voicefilter.commands import evaluate
 
     split = tmp_path / "short"
     split.mkdir()
@@ -344,7 +344,7 @@ def test_samples_shorter_than_the_embedders_window_are_scored_without_similarity
 def test_an_unreadable_sample_is_named_and_the_others_are_scored(setup, tmp_path, capsys):
     import shutil
 
-    import evaluate
+    from reverse_voicefilter.commands import evaluate
 
     split = tmp_path / "some-bad"
     shutil.copytree(setup["split"], split)

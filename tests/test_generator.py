@@ -16,7 +16,7 @@ import torch
 import tqdm
 from conftest import LIBRI_MINI, ROOT, need
 
-import generator
+from reverse_voicefilter.commands import generator
 from reverse_voicefilter.core.audio import Audio
 from reverse_voicefilter.core.errors import UserError, run_cli
 from reverse_voicefilter.core.hparams import HParam

@@ -260,7 +260,7 @@ def check_error_output(case, code, err):
 
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_input_is_one_error_line(bad_cases, case, capsys):
-    import inference
+    from reverse_voicefilter.commands import inference
 
     if case not in bad_cases:
         pytest.skip("CUDA is available here")
@@ -326,7 +326,7 @@ def test_bf16_on_a_cpu_that_cannot_run_it_is_fp32_with_one_warning(tiny, tmp_pat
 
 # ---- single, batch, folder, stereo, plot -----------------------------------------------------------
 def test_single_batch_and_folder_give_the_same_outputs(tiny, tiny_separator, tmp_path, capsys):
-    import inference
+    from reverse_voicefilter.commands import inference
 
     mixes = tiny["mixes"]
     names = ["mix1", "mix2", "stereo44"]
@@ -415,7 +415,7 @@ LONG_SECONDS = 180
 MEMORY_PROBE = """
 import sys
 sys.path.insert(0, {root!r})
-import inference
+from reverse_voicefilter.commands import inference
 from reverse_voicefilter.separation import separator as separation
 def current_mib(field):
     status = open("/proc/self/status").read()
@@ -466,7 +466,7 @@ def test_minutes_long_input_runs_in_bounded_memory(tiny, tmp_path):
 
 
 def test_help_documents_the_modes_and_the_guard():
-    import inference
+    from reverse_voicefilter.commands import inference
 
     text = inference.build_parser().format_help()
     assert "inv_div" in text and "--chunk_seconds" in text and "max(mask, eps)" in text
@@ -510,7 +510,7 @@ def test_mask_names_are_written_once():
 
 # ---- the config stored in the checkpoint -------------------------------------------------------------
 def test_config_comes_from_the_checkpoint_when_c_is_absent(tiny, tmp_path, capsys):
-    import inference
+    from reverse_voicefilter.commands import inference
 
     args = ["-e", tiny["embedder"], "--checkpoint_path", tiny["checkpoint"], "-m", tiny["mixes"] / "mix1.wav",
             "-r", tiny["reference"]]
@@ -537,7 +537,7 @@ def test_config_comes_from_the_checkpoint_when_c_is_absent(tiny, tmp_path, capsy
 
 # ---- defects -------------------------------------------------------------------------------------------
 def test_unwritable_out_dir_is_one_line_before_any_work(tiny, tmp_path, capsys, monkeypatch):
-    import inference
+    from reverse_voicefilter.commands import inference
     from reverse_voicefilter.separation import separator as separation
     blocker = tmp_path / "somefile.txt"
     blocker.write_text("a file, not a folder")
@@ -586,7 +586,7 @@ def test_a_reference_shorter_than_the_embedders_window_warns(tiny, tmp_path, cap
 
 
 def test_a_file_that_is_no_checkpoint_says_what_it_is(tiny, tmp_path, capsys):
-    import inference
+    from reverse_voicefilter.commands import inference
 
     (tmp_path / "config.yaml").write_text("model:\n  lstm_dim: 64\n")
     cases = {tiny["reference"]: "is a WAV audio file, not a VoiceFilter checkpoint",
@@ -601,7 +601,7 @@ def test_a_file_that_is_no_checkpoint_says_what_it_is(tiny, tmp_path, capsys):
 
 
 def test_bad_files_among_several_do_not_stop_the_others(tiny, tmp_path, capsys):
-    import inference
+    from reverse_voicefilter.commands import inference
 
     sf.write(tmp_path / "silent.wav", np.zeros(RATE, np.float32), RATE)
     (tmp_path / "garbage.wav").write_bytes(np.random.default_rng(0).integers(0, 256, 4000, np.uint8).tobytes())

@@ -8,7 +8,7 @@ import soundfile as sf
 import torch
 from conftest import LIBRI_MINI, ROOT, SHARED, need
 
-import generator
+from reverse_voicefilter.commands import generator
 from reverse_voicefilter.core.audio import Audio
 from reverse_voicefilter.core.errors import UserError, run_cli
 from reverse_voicefilter.core.hparams import HParam

@@ -6,6 +6,7 @@ import torch
 from conftest import ROOT
 from test_trainer import make_embedder, write_config
 
+from reverse_voicefilter.commands.trainer import main as trainer_main
 from reverse_voicefilter.core.audio import Audio
 from reverse_voicefilter.core.checkpoint import load_checkpoint
 from reverse_voicefilter.core.errors import UserError, run_cli
@@ -23,7 +24,6 @@ from reverse_voicefilter.data.online import (
 )
 from reverse_voicefilter.data.samples import list_samples
 from reverse_voicefilter.model.embedder import load_embedder
-from trainer import main as trainer_main
 
 ONLINE = {"data": {"audio_len": 1.0, "mixing": "online", "train_subsets": ["train-clean-100"],
                    "epoch_samples": 16},

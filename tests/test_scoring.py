@@ -9,8 +9,7 @@ from test_inference import make_tiny_setup
 from test_official_set import ROWS, write_tuples
 from test_trainer import make_dataset, make_embedder, train, write_config
 
-import evaluate
-import generator
+from reverse_voicefilter.commands import evaluate, generator
 from reverse_voicefilter.core.audio import Audio
 from reverse_voicefilter.core.checkpoint import load_checkpoint
 from reverse_voicefilter.core.errors import run_cli

@@ -22,6 +22,7 @@ import torch
 import yaml
 from conftest import PARITY, ROOT, need
 
+from reverse_voicefilter.commands.trainer import main as trainer_main
 from reverse_voicefilter.core.audio import Audio, save_wav
 from reverse_voicefilter.core.checkpoint import compact_checkpoint, load_checkpoint, save_checkpoint
 from reverse_voicefilter.core.errors import TrainingDiverged, UserError, run_cli
@@ -30,7 +31,6 @@ from reverse_voicefilter.data.dataloader import ResumableSampler, build_dataset
 from reverse_voicefilter.data.dvec_cache import cache_path
 from reverse_voicefilter.model.embedder import SpeechEmbedder, load_embedder
 from reverse_voicefilter.training.train import StopSignals, make_loss, run_training
-from trainer import main as trainer_main
 
 RATE = 16000
 N_TRAIN, N_TEST = 16, 4
