@@ -7,12 +7,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv test test-fast lint demo bench clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: it takes the local CPU wheel where there is one
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -r requirements-dev.txt
+	# the package itself, editable: the commands and `python -m reverse_voicefilter...` from any folder
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -30,7 +32,7 @@ demo: $(STAMP)
 	$(PY) demo.py
 
 bench: $(STAMP)
-	$(PY) bench/run_all.py
+	$(PY) -m reverse_voicefilter.bench.run_all
 
 clean:
 	rm -rf demo .pytest_cache

@@ -4,8 +4,7 @@ import time
 
 import torch
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "bench"))
-import common  # noqa: E402
+from reverse_voicefilter.bench import common
 
 ALLOCATE = ("import numpy as np, subprocess, sys, time; a = np.ones({n}); "
             "subprocess.run([sys.executable, '-c', 'import numpy as np, time; b = np.ones({n}); time.sleep(1.0)']); "

@@ -1,5 +1,4 @@
 """bench/gpu: the payload prepare.py makes (sizes, budget, refusal) and the run script's stages."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,21 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from reverse_voicefilter.bench import inference as bench_inference
+from reverse_voicefilter.bench import train as bench_train
+from reverse_voicefilter.bench.gpu import prepare, run
 from reverse_voicefilter.core.errors import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _load(name):
-    """bench/gpu/NAME.py as a module of its own name (``prepare`` is also the project's data package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_gpu_{name}", ROOT / "bench" / "gpu" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-prepare = _load("prepare")
-run = _load("run")
 
 PY = sys.executable
 MIB = 1 << 20
@@ -53,7 +43,7 @@ def _fake_wheels(folder, skip=()):
 
 
 def _prepare(*argv):
-    return subprocess.run([PY, str(ROOT / "bench" / "gpu" / "prepare.py"), *map(str, argv)],
+    return subprocess.run([PY, "-m", "reverse_voicefilter.bench.gpu.prepare", *map(str, argv)],
                           capture_output=True, text=True, timeout=120)
 
 
@@ -105,7 +95,7 @@ def test_prepare_refuses_a_payload_over_the_budget_and_keeps_the_old_one(tmp_pat
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: the payload does not fit the 1 MiB"), done.stderr
-    assert "repository" in lines[0] and "where 0 speakers fit, fewer than the 90 bench_quality.py needs" in lines[0]
+    assert "repository" in lines[0] and "where 0 speakers fit, fewer than the 90 bench.quality needs" in lines[0]
     assert (payload / "manifest.json").read_text() == "{}"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # no half-made payload left
 
@@ -125,7 +115,7 @@ def test_prepare_refuses_fewer_speakers_than_bench_quality_needs(tmp_path):
     done = _prepare("--data", mini, "--payload", tmp_path / "payload", "--no_download", "--budget_mib", budget,
                     "--margin_mib", 0, "--min_speakers", 3)
     assert done.returncode == 2
-    assert "where 2 speakers fit, fewer than the 3 bench_quality.py needs (--min_speakers)" in done.stderr
+    assert "where 2 speakers fit, fewer than the 3 bench.quality needs (--min_speakers)" in done.stderr
     assert not (tmp_path / "payload").exists()
     fine = _prepare("--data", mini, "--payload", tmp_path / "payload", "--no_download", "--budget_mib", budget,
                     "--margin_mib", 0, "--min_speakers", 2)
@@ -221,7 +211,7 @@ def _tiny_wheel(folder):
 
 def test_install_stage_installs_the_wheels_offline_and_checks_the_imports(tmp_path):
     wheels = _tiny_wheel(tmp_path / "wheels")
-    done = subprocess.run([PY, str(ROOT / "bench" / "gpu" / "install.py"), "--wheels", str(wheels),
+    done = subprocess.run([PY, "-m", "reverse_voicefilter.bench.gpu.install", "--wheels", str(wheels),
                            "--site", str(tmp_path / "site")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "site" / "gpu_payload_probe" / "__init__.py").read_text() == "VALUE = 42\n"
@@ -237,7 +227,7 @@ def test_cpu_quick_run_writes_every_stage_result(tmp_path, libri_mini):
     assert done.returncode == 0, done.stderr
     out = tmp_path / "out"
     start = time.monotonic()
-    done = subprocess.run([PY, str(ROOT / "bench" / "gpu" / "run.py"), str(out), "--device", "cpu", "--quick",
+    done = subprocess.run([PY, "-m", "reverse_voicefilter.bench.gpu.run", str(out), "--device", "cpu", "--quick",
                            "--no_install", "--payload", str(payload), "--work", str(tmp_path / "work"), "--jobs", "1"],
                           capture_output=True, text=True, timeout=1800)
     took = time.monotonic() - start
@@ -252,15 +242,7 @@ def test_cpu_quick_run_writes_every_stage_result(tmp_path, libri_mini):
           + ", ".join(f"{s['name']} {s['seconds']} s" for s in summary["stages"]))
 
 
-def _bench_module(name):
-    spec = importlib.util.spec_from_file_location(f"bench_gpu_test_{name}", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_the_run_asks_for_variants_the_benchmarks_have():
-    bench_train, bench_inference = _bench_module("bench_train"), _bench_module("bench_inference")
     assert set(run.TRAIN_VARIANTS) <= set(bench_train.VARIANTS)
     assert set(run.INFERENCE_VARIANTS) <= set(bench_inference.VARIANTS)
     assert {"fp16", "bf16-cl-cudnn", "bf16-cl-compile"} <= bench_train.CUDA_ONLY  # not offered on a CPU
@@ -268,7 +250,7 @@ def test_the_run_asks_for_variants_the_benchmarks_have():
 
 def test_the_cudnn_benchmark_variant_trains(tmp_path):
     """The variant's own code (cudnn.benchmark set) runs a step; on a CPU, cuDNN is not used."""
-    done = subprocess.run([PY, str(ROOT / "bench" / "bench_train.py"), "--variant", "bf16-cl-cudnn", "--quick",
+    done = subprocess.run([PY, "-m", "reverse_voicefilter.bench.train", "--variant", "bf16-cl-cudnn", "--quick",
                            "--device", "cpu", "--steps", "1", "--warmup", "0"], capture_output=True, text=True,
                           timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]

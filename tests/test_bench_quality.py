@@ -1,4 +1,4 @@
-"""bench/bench_quality.py: its data (pieces cut at pauses, test triplets) and its figures."""
+"""bench/quality.py: its data (pieces cut at pauses, test triplets) and its figures."""
 import json
 import subprocess
 import sys
@@ -8,12 +8,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from reverse_voicefilter.bench import quality_data
+from reverse_voicefilter.core.errors import UserError
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "bench"))
-
-import quality_data  # noqa: E402
-
-from reverse_voicefilter.core.errors import UserError  # noqa: E402
 
 RATE = 16000
 
@@ -96,7 +94,7 @@ def test_triplets_follow_the_seed_and_the_rules(tmp_path):
 @pytest.mark.slow
 def test_quick_run_end_to_end_agrees_with_evaluate(libri_mini, tmp_path):
     out = tmp_path / "quality"
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_quality.py"), "--quick", "--data",
+    run = subprocess.run([sys.executable, "-m", "reverse_voicefilter.bench.quality", "--quick", "--data",
                           str(libri_mini), "-o", str(out), "--json", str(tmp_path / "q.json")],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -119,7 +117,7 @@ def test_quick_run_end_to_end_agrees_with_evaluate(libri_mini, tmp_path):
             assert mine[metric]["median"] == pytest.approx(report["modes"][mode][metric]["median"], abs=2e-3), \
                 (mode, metric)
     # gathering finished runs trains nothing: seed 2 never ran, so it is left out
-    again = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_quality.py"), "--quick", "--score_only",
+    again = subprocess.run([sys.executable, "-m", "reverse_voicefilter.bench.quality", "--quick", "--score_only",
                             "--seeds", "1", "2", "--data", str(libri_mini), "-o", str(out)],
                            cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -135,7 +133,7 @@ def test_quick_run_end_to_end_agrees_with_evaluate(libri_mini, tmp_path):
 @pytest.mark.slow
 def test_a_minutes_budget_stops_the_trainer_with_a_checkpoint(libri_mini, tmp_path):
     out = tmp_path / "quality"
-    run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_quality.py"), "--quick", "--minutes", "0.5",
+    run = subprocess.run([sys.executable, "-m", "reverse_voicefilter.bench.quality", "--quick", "--minutes", "0.5",
                           "--eval_every", "1000", "--data", str(libri_mini), "-o", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -75,12 +75,19 @@ def run_script(root, *args, path=None, **env):
                           capture_output=True, text=True, timeout=120)
 
 
-def make_venv(folder):
-    """A venv at `folder` (as `python -m venv .venv` makes) that sees this venv's packages."""
+def make_venv(folder, with_package=True):
+    """A venv at `folder` (as `python -m venv .venv` makes) that sees this venv's packages: all of
+    them, this project's installed one too, or (``with_package=False``) the others only (its
+    site folder points at ours through a path line, which leaves our .pth files, the editable
+    install among them, unread)."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(folder)], check=True, timeout=60)
     own = Path(sysconfig.get_path("purelib", vars={"base": str(folder), "platbase": str(folder)}))
     shutil.rmtree(own)
-    own.symlink_to(sysconfig.get_path("purelib"))
+    if with_package:
+        own.symlink_to(sysconfig.get_path("purelib"))
+    else:
+        own.mkdir()
+        (own / "dependencies.pth").write_text(sysconfig.get_path("purelib") + "\n")
     return folder / "bin"
 
 
@@ -183,19 +190,28 @@ def test_copied_script_finds_the_repository_through_the_activated_venv(tree, tmp
     """The original's workflow: `./normalize-resample.sh` in the LibriSpeech root, the venv made
     inside the repository (as the README and the Makefile do) activated, nothing else set."""
     clone = tmp_path_factory.mktemp("clone")
-    for part in ("prepare", "utils"):
+    for part in ("reverse_voicefilter", "utils"):
         (clone / part).symlink_to(ROOT / part)
-    venv_bin = make_venv(clone / ".venv")
+    venv_bin = make_venv(clone / ".venv", with_package=False)
     result = run_script(tree, "-j", "2", path=f"{venv_bin}:/usr/bin:/bin", VOICEFILTER_HOME=None)
     assert result.returncode == 0, result.stderr
     assert_all_normalized(tree)
 
 
-def test_copied_script_without_a_repository_says_what_to_set(tree, tmp_path_factory):
-    venv_bin = make_venv(tmp_path_factory.mktemp("elsewhere") / ".venv")  # not inside a clone
+def test_copied_script_runs_with_the_package_installed_in_any_environment(tree, tmp_path_factory):
+    """A user's own environment (a venv or conda outside the repository) where the package was
+    pip-installed: the copied script needs nothing else (it failed before, wanting VOICEFILTER_HOME)."""
+    venv_bin = make_venv(tmp_path_factory.mktemp("own-env") / "env")
+    result = run_script(tree, "-j", "2", path=f"{venv_bin}:/usr/bin:/bin", VOICEFILTER_HOME=None)
+    assert result.returncode == 0, result.stderr
+    assert_all_normalized(tree)
+
+
+def test_copied_script_without_the_package_says_what_to_do(tree, tmp_path_factory):
+    venv_bin = make_venv(tmp_path_factory.mktemp("elsewhere") / ".venv", with_package=False)  # not in a clone
     result = run_script(tree, path=f"{venv_bin}:/usr/bin:/bin", VOICEFILTER_HOME=None)
     assert result.returncode == 2
-    assert result.stderr.startswith("error: cannot find the Reverse VoiceFilter repository")
+    assert result.stderr.startswith("error: ") and "has no reverse_voicefilter package: pip install" in result.stderr
     assert "VOICEFILTER_HOME" in result.stderr and result.stderr.count("\n") == 1
     wrong = run_script(tree, VOICEFILTER_HOME=str(tree))
     assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1

@@ -1,13 +1,10 @@
 """bench/roofline.py: the reference a training step is held to, and the fraction printed beside it."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-import roofline  # noqa: E402
+from reverse_voicefilter.bench import roofline
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

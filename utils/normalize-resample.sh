@@ -12,9 +12,10 @@
 #
 # A thin wrapper: `python -m reverse_voicefilter.prepare.normalize` does the work (skips files done, waits
 # for every job, exits 1 naming the files that failed, or when there is no .flac at all).
-# The python is $PYTHON, else python3 (or python) on PATH. The repository holding the package is,
-# in this order: $VOICEFILTER_HOME; the folder above this script (run in place); the folder
-# holding that python's venv (the .venv that the README and the Makefile create in it).
+# The python is $PYTHON, else python3 (or python) on PATH. The package is taken from, in this
+# order: the repository $VOICEFILTER_HOME; the repository above this script (run in place); that
+# python's own installation (pip install of the repository: any venv or conda environment); the
+# repository holding that python's venv (the .venv that the README and the Makefile create in it).
 set -uo pipefail
 
 die() { echo "error: $*" >&2; exit 2; }
@@ -40,21 +41,26 @@ python="${PYTHON:-$(command -v python3 || command -v python || true)}"
 [[ -n "$python" ]] || die "no python on PATH: activate the project's venv (. .venv/bin/activate) or set PYTHON"
 
 holds_module() { [[ -f "$1/reverse_voicefilter/prepare/normalize.py" ]]; }
+installed() { "$python" -c 'import reverse_voicefilter.prepare.normalize' >/dev/null 2>&1; }
+repo=""
 if [[ -n "${VOICEFILTER_HOME:-}" ]]; then
     repo="$VOICEFILTER_HOME"
-    holds_module "$repo" || die "VOICEFILTER_HOME=$repo holds no reverse_voicefilter/prepare/normalize.py: set it to the repository"
+    holds_module "$repo" || die "VOICEFILTER_HOME=$repo holds no reverse_voicefilter/prepare/normalize.py:" \
+                                "set it to the repository"
 elif holds_module "$(dirname "$0")/.."; then
     repo="$(dirname "$0")/.."
-else
+elif ! installed; then
     repo="$("$python" -c 'import sys; print(sys.prefix)' 2>/dev/null)/.."
-    holds_module "$repo" || die "cannot find the Reverse VoiceFilter repository: export VOICEFILTER_HOME=/path/to/it" \
-                                "(or activate the .venv inside it)"
+    holds_module "$repo" || die "$python has no reverse_voicefilter package: pip install the repository" \
+                                "(pip install -e /path/to/it), activate its .venv, or export VOICEFILTER_HOME=/path/to/it"
 fi
-repo="$(cd "$repo" && pwd)"
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+if [[ -n "$repo" ]]; then
+    repo="$(cd "$repo" && pwd)"
+    export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 if ! msg=$("$python" -c 'import reverse_voicefilter.prepare.normalize, tqdm' 2>&1); then
-    die "$python cannot run reverse_voicefilter.prepare.normalize from $repo ($(printf '%s' "$msg" | tail -n 1));" \
+    die "$python cannot run reverse_voicefilter.prepare.normalize${repo:+ from $repo} ($(printf '%s' "$msg" | tail -n 1));" \
         "activate the project's venv or set PYTHON to its python"
 fi
 exec "$python" -m reverse_voicefilter.prepare.normalize ${jobs:+-j "$jobs"} ${verbose:+--verbose} -- "$root"

@@ -187,5 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def console():
+    """The command line's entry point (``python -m`` and the installed command)."""
     run_cli(main, interrupted="interrupted; rerun the same command to continue (finished files are skipped)")
+
+
+if __name__ == "__main__":
+    console()

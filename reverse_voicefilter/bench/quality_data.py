@@ -1,4 +1,4 @@
-"""The data of the quality benchmark (bench_quality.py), made from librispeech-mini.
+"""The data of the quality benchmark (bench.quality), made from librispeech-mini.
 
 Training speakers: train-clean-100 of librispeech-mini, 251 speakers with one
 long utterance each (median 14 s). A mixture needs a reference and a target

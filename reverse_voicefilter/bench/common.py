@@ -26,9 +26,9 @@ from pathlib import Path
 
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # the scripts run as ``python bench/x.py``: make ``utils``, ``model`` importable
-    sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]  # the repository: its root scripts are what the benchmarks run
+PACKAGE = ROOT / "reverse_voicefilter"
+OUT = ROOT / "bench-out"  # what the benchmarks write by default (their work folders, the GPU payload)
 
 RESULT_TAG = "BENCH_RESULT "
 PARTIAL_TAG = "BENCH_PARTIAL "
@@ -282,15 +282,15 @@ def _last(out, tag):
     return json.loads(lines[-1][len(tag):]) if lines else None
 
 
-def run_variants(script, names, argv, timeout):
-    """Parent side: run ``script argv --variant NAME`` for each name, one at a time, in a fresh
+def run_variants(module, names, argv, timeout):
+    """Parent side: run ``python -m module argv --variant NAME`` for each name, one at a time, in a fresh
     process each; returns ``{name: result dict}``. A variant that fails or passes ``timeout``
     seconds gives ``{"error": why}`` (with its last partial figures, if any) and the others
     still run. The child leads its own process group, so a timeout (or Ctrl-C here) also ends
     the tools it started; the scratch files they leave are under the parent's work folder."""
     results = {}
     for name in names:
-        cmd = [sys.executable, str(script), *argv, "--variant", name]
+        cmd = [sys.executable, "-m", module, *argv, "--variant", name]
         print(f"  running {name} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -329,7 +329,7 @@ def start(args, run_variant, variants):
     return device, select(args.variants, list(variants)), describe_machine(device)
 
 
-def run_in_workdir(script, names, timeout, prefix, shared_file, prepare):
+def run_in_workdir(module, names, timeout, prefix, shared_file, prepare):
     """Parent side, for benchmarks whose variants share prepared files (a corpus, audio): a scratch
     folder, ``prepare(workdir)`` -> a dict of what the variants need, written there as
     ``shared_file`` for the children (they get ``--workdir``), then the variants; the folder is
@@ -339,7 +339,7 @@ def run_in_workdir(script, names, timeout, prefix, shared_file, prepare):
 
         shared = prepare(workdir)
         write_text(Path(workdir, shared_file), json.dumps(shared))
-        results = run_variants(script, names, [*child_argv(), "--workdir", workdir], timeout)
+        results = run_variants(module, names, [*child_argv(), "--workdir", workdir], timeout)
     return shared, results
 
 

@@ -11,7 +11,7 @@
   the peak of its precision is its roofline fraction: the figure that stays comparable between
   machines.
 """
-import common
+from reverse_voicefilter.bench import common
 
 MATMUL_SIZE = 2048
 COUNT_FRAMES = 101
@@ -61,7 +61,7 @@ def conv_training_reference(device, channels, frames, freq, batch, precision):
 
     The benchmarks time it between a variant's steps, in the same process: on a shared or
     frequency-scaled CPU the rates of one operation differed threefold from one run to the next
-    (bench/README.md), so a step is compared with what the convolution reached at the same time."""
+    (reverse_voicefilter/bench/README.md), so a step is compared with what the convolution reached at the same time."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,

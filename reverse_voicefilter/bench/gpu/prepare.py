@@ -1,11 +1,11 @@
-"""Prepare the GPU run, here on the CPU machine (with network): bench/gpu/payload/, an ignored folder
+"""Prepare the GPU run, here on the CPU machine (with network): bench-out/gpu-payload/, an ignored folder
 the device tool carries to a GPU machine that has no network and only a copy of the repository.
 
 It holds
-* ``wheels/``: the wheels of bench/gpu/wheels.txt for Python 3.12 on manylinux x86-64 (what the
+* ``wheels/``: the wheels of gpu/wheels.txt for Python 3.12 on manylinux x86-64 (what the
   benchmarks import that the GPU image lacks), downloaded with ``pip download`` (or copied from
   ``--wheels_from DIR``; none with ``--no_download``);
-* ``librispeech-mini/``: what bench_quality.py and bench_inference.py read, copied byte for byte
+* ``librispeech-mini/``: what bench.quality and bench.inference read, copied byte for byte
   from ``--data``: test-other whole (the test speakers) and of train-clean-100 the first speakers
   by id whose files fit the bytes left (the device tool carries 64 MiB in all, the repository
   included; librispeech-mini's 72 MB do not fit);
@@ -13,10 +13,10 @@ It holds
 
 The total that will travel (the repository's tracked and untracked-not-ignored files, plus the
 payload) is printed; a payload that cannot fit under ``--budget_mib`` is refused (one line, exit 2)
-and the previous payload is kept. Then, on the GPU machine: ``python3 bench/gpu/run.py``.
+and the previous payload is kept. Then, on the GPU machine: ``python3 -m reverse_voicefilter.bench.gpu.run``.
 
-    .venv/bin/python bench/gpu/prepare.py
-    .venv/bin/python bench/gpu/prepare.py --wheels_from .whl --max_speakers 50
+    .venv/bin/python -m reverse_voicefilter.bench.gpu.prepare
+    .venv/bin/python -m reverse_voicefilter.bench.gpu.prepare --wheels_from .whl --max_speakers 50
 """
 import argparse
 import json
@@ -28,17 +28,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from reverse_voicefilter.core.atomic import write_bytes, write_text  # noqa: E402  (after the path tweak)
-from reverse_voicefilter.core.cli import UserErrorParser  # noqa: E402
-from reverse_voicefilter.core.errors import UserError, run_cli  # noqa: E402
+from reverse_voicefilter.core.atomic import write_bytes, write_text
+from reverse_voicefilter.core.cli import UserErrorParser
+from reverse_voicefilter.core.errors import UserError, run_cli
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[2]
 WHEEL_LIST = HERE / "wheels.txt"
-DEFAULT_PAYLOAD = HERE / "payload"
+DEFAULT_PAYLOAD = ROOT / "bench-out" / "gpu-payload"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "librispeech-mini"
 TRAIN, TEST = "train-clean-100", "test-other"
 MIB = 1 << 20
@@ -46,7 +43,7 @@ MIB = 1 << 20
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64"]
 PYTHON_VERSION = "3.12"
-# bench_quality.py mixes an epoch of 4000 distinct triplets from the pieces of the training speakers:
+# bench.quality mixes an epoch of 4000 distinct triplets from the pieces of the training speakers:
 # the first 70 speakers of librispeech-mini leave about 40 of them without a candidate (the trainer
 # stops), the first 90 none
 MIN_SPEAKERS = 90
@@ -199,7 +196,7 @@ def plan(args, wheel_bytes):
         parts = ", ".join(f"{k} {mib(v)}" for k, v in {**fixed, "margin": margin}.items())
         raise UserError(f"the payload does not fit the {args.budget_mib:g} MiB the device tool carries: {parts} "
                         f"leave {mib(max(room, 0))} for {TRAIN}, where {len(chosen)} speakers fit, fewer than the "
-                        f"{args.min_speakers} bench_quality.py needs (--min_speakers)")
+                        f"{args.min_speakers} bench.quality needs (--min_speakers)")
     return {"budget_bytes": budget, "margin_bytes": margin, **{f"{k}_bytes": v for k, v in fixed.items()},
             "train_bytes": train_bytes, "total_bytes": sum(fixed.values()) + train_bytes, "train_speakers": chosen,
             "train_speakers_total": len(sizes), "extra_files": extras, "wheels": dict(wheel_bytes)}
@@ -253,8 +250,8 @@ def main(argv=None):
     print(f"{payload}:\n{report(manifest)}")
     for name, size in manifest["wheels"].items():
         print(f"    {name} ({mib(size)})")
-    print(f"then: device tool run, carry [\"{_carry_name(payload)}\"], command: PYTHONUNBUFFERED=1 python3 "
-          f"bench/gpu/run.py")
+    print(f"then, on the GPU machine, with {_carry_name(payload)} copied beside the repository: "
+          f"PYTHONUNBUFFERED=1 python3 -m reverse_voicefilter.bench.gpu.run")
     return 0
 
 

@@ -23,8 +23,8 @@ Duration at the defaults (config/default.yaml, 200 + 10 samples) on the 2-core d
 machine: about 30 s per variant, 1-2 minutes in all (40 samples took 8.5 s with -p 1).
 ``--quick``: config/tiny.yaml, 20 + 2 samples, under a minute in all.
 
-    .venv/bin/python bench/bench_generator.py
-    .venv/bin/python bench/bench_generator.py --train_size 1000 --json gen.json
+    .venv/bin/python -m reverse_voicefilter.bench.generator
+    .venv/bin/python -m reverse_voicefilter.bench.generator --train_size 1000 --json gen.json
 """
 import argparse
 import json
@@ -34,9 +34,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402  (after the path tweak: run as ``python bench/bench_generator.py``)
+from reverse_voicefilter.bench import common
 
 VARIANTS = {  # name: extra generator.py flags
     "p1": ["-p", "1"],
@@ -56,7 +54,7 @@ def parse_args():
     p.add_argument("--test_size", type=int, default=None, help="test samples (default 10; --quick: 2)")
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)  # internal: the parent's scratch folder
     args = common.parse(p)
-    args.config = args.config or str(common.ROOT / "config" / ("tiny.yaml" if args.quick else "default.yaml"))
+    args.config = args.config or str(common.PACKAGE / "config" / ("tiny.yaml" if args.quick else "default.yaml"))
     args.train_size = args.train_size if args.train_size is not None else (20 if args.quick else 200)
     args.test_size = args.test_size if args.test_size is not None else (2 if args.quick else 10)
     return args
@@ -110,7 +108,7 @@ def main():
               f"{corpus['kind']}, timeout {args.timeout:g} s per variant", file=sys.stderr)
         return corpus
 
-    corpus, results = common.run_in_workdir(__file__, names, args.timeout, "bench_corpus_", "corpus.json", prepare)
+    corpus, results = common.run_in_workdir(__spec__.name, names, args.timeout, "bench_corpus_", "corpus.json", prepare)
     columns = [("wall s", "seconds"), ("samples/s (whole command)", "samples_per_s"),
                ("train samples/s (logged)", "train_rate"), ("peak PSS MB (all processes)", "tree_pss_mb"),
                ("largest one-process RSS MB", "max_process_rss_mb"), ("disk MB", "disk_mb"),

@@ -1,22 +1,22 @@
 """The GPU run: the benchmarks on a machine with torch (CUDA) but no network, from the payload
-bench/gpu/prepare.py made, in about 9 minutes, every result in one output folder.
+reverse_voicefilter/bench/gpu/prepare.py made, in about 9 minutes, every result in one output folder.
 
 Stages, each with its own time limit (a stage that fails or runs out of time is logged and the
 next one still runs):
 
 1. ``install``: the payload's wheels, offline, into ``--site`` (``pip install --no-index
    --target``), put on PYTHONPATH of the later stages, then the imports the benchmarks need checked
-   (bench/gpu/install.py);
-2. ``train``: bench_train.py, the CUDA variants (fp32, fp32-cl, bf16, bf16-cl, fp16,
+   (reverse_voicefilter/bench/gpu/install.py);
+2. ``train``: bench.train, the CUDA variants (fp32, fp32-cl, bf16, bf16-cl, fp16,
    bf16-cl-cudnn, bf16-cl-compile) at the default size, a few steps each;
-3. ``inference``: bench_inference.py, the variants but model-fp32-bn (a question of CPU inference), on
+3. ``inference``: bench.inference, the variants but model-fp32-bn (a question of CPU inference), on
    the payload's test-other speech;
-4. ``quality``: bench_quality.py --size default --precision bf16 --minutes M, M the minutes that
+4. ``quality``: bench.quality --size default --precision bf16 --minutes M, M the minutes that
    remain of ``--total_minutes`` after the time its data preparation and scoring take
    (``--reserve_s``), at least ``--min_minutes``; should they take longer, it is stopped at
    ``--stop_minutes`` (9.75: the device tool stops a command at 10).
 
-The output folder (the argument; default $OUT when set, else bench/out/gpu) gets few files, as
+The output folder (the argument; default $OUT when set, else bench-out/gpu) gets few files, as
 the device tool brings back at most 8: ``run.log`` (every stage's output), ``train.json``,
 ``inference.json``, ``quality.json``, ``quality_curve.png`` and ``summary.json`` (per stage:
 command, exit code, seconds, whether it timed out, its result file).
@@ -25,8 +25,8 @@ command, exit code, seconds, whether it timed out, its result file).
 a check on the CPU machine that the run works (``--no_install`` there: the wheels are for the
 GPU machine's Python 3.12).
 
-    python3 bench/gpu/run.py                                   # on the GPU machine (device tool)
-    .venv/bin/python bench/gpu/run.py /tmp/gpu-check --device cpu --quick --no_install
+    python3 -m reverse_voicefilter.bench.gpu.run                                   # on the GPU machine (device tool)
+    .venv/bin/python -m reverse_voicefilter.bench.gpu.run /tmp/gpu-check --device cpu --quick --no_install
 """
 import argparse
 import json
@@ -39,17 +39,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from reverse_voicefilter.core.atomic import write_bytes, write_text  # noqa: E402  (stdlib only: runs before the install)
-from reverse_voicefilter.core.cli import UserErrorParser, check_writable_dir  # noqa: E402
-from reverse_voicefilter.core.errors import run_cli  # noqa: E402
+# stdlib only, these three: they run before the install
+from reverse_voicefilter.core.atomic import write_bytes, write_text
+from reverse_voicefilter.core.cli import UserErrorParser, check_writable_dir
+from reverse_voicefilter.core.errors import run_cli
 
 HERE = Path(__file__).resolve().parent
-BENCH = ROOT / "bench"
-DEFAULT_PAYLOAD = HERE / "payload"
+ROOT = HERE.parents[2]
+BENCH_OUT = ROOT / "bench-out"
+DEFAULT_PAYLOAD = BENCH_OUT / "gpu-payload"
 TRAIN_VARIANTS = ["fp32", "fp32-cl", "bf16", "bf16-cl", "fp16", "bf16-cl-cudnn", "bf16-cl-compile"]
 INFERENCE_VARIANTS = ["model-fp32", "model-fp32-cl", "model-bf16", "model-bf16-cl", "process-fp32", "process-bf16-cl"]
 QUICK_TRAIN_VARIANTS = ["fp32"]
@@ -64,15 +62,15 @@ GRACE_S = 15  # after SIGTERM, before SIGKILL
 
 def parse_args(argv=None):
     p = UserErrorParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    default_out = os.environ.get("OUT") or str(BENCH / "out" / "gpu")
-    p.add_argument("out", nargs="?", default=default_out, help="result folder (default: $OUT, else bench/out/gpu)")
+    default_out = os.environ.get("OUT") or str(BENCH_OUT / "gpu")
+    p.add_argument("out", nargs="?", default=default_out, help="result folder (default: $OUT, else bench-out/gpu)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="where the benchmarks compute")
     p.add_argument("--quick", action="store_true", help="every stage at its --quick size (a check that it works)")
     p.add_argument("--payload", default=str(DEFAULT_PAYLOAD), help="what prepare.py made (default: %(default)s)")
     p.add_argument("--no_install", action="store_true", help="use the installed packages, not the payload's wheels")
     p.add_argument("--site", default="/tmp/site", help="where the wheels are installed (default: %(default)s)")
-    p.add_argument("--work", default=str(BENCH / "out" / "gpu-quality"),
-                   help="bench_quality.py's work folder (its data and trained models; default: %(default)s)")
+    p.add_argument("--work", default=str(BENCH_OUT / "gpu-quality"),
+                   help="bench.quality's work folder (its data and trained models; default: %(default)s)")
     p.add_argument("--total_minutes", type=float, default=9.0,
                    help="the whole run's budget; the quality stage's training ends within it (default: %(default)s)")
     p.add_argument("--stop_minutes", type=float, default=9.75,
@@ -99,7 +97,7 @@ class Stage:
 
 
 def install_stage(args, out):
-    """The offline install of the payload's wheels and the import check (bench/gpu/install.py)."""
+    """The offline install of the payload's wheels and the import check (gpu/install.py)."""
     cmd = [sys.executable, str(HERE / "install.py"), "--wheels", str(Path(args.payload, "wheels")), "--site", args.site]
     return Stage("install", [*cmd, "--no_install"] if args.no_install else cmd, LIMITS["install"])
 
@@ -115,17 +113,17 @@ def bench_stages(args, out):
         train = ["--steps", "10", "--warmup", "3", "--timeout", "60", "--variants", *TRAIN_VARIANTS]
         inference = ["--repeats", "10", "--long_repeats", "3", "--timeout", "60", "--variants", *INFERENCE_VARIANTS]
     limit = QUICK_LIMIT if args.quick else None
-    return [Stage("train", [sys.executable, str(BENCH / "bench_train.py"), *common, *train,
+    return [Stage("train", [sys.executable, "-m", "reverse_voicefilter.bench.train", *common, *train,
                             "--json", str(out / "train.json")], limit or LIMITS["train"], "train.json"),
-            Stage("inference", [sys.executable, str(BENCH / "bench_inference.py"), *common, *inference,
+            Stage("inference", [sys.executable, "-m", "reverse_voicefilter.bench.inference", *common, *inference,
                                 "--data", data, "--json", str(out / "inference.json")],
                   limit or LIMITS["inference"], "inference.json")]
 
 
 def quality_stage(args, out, seconds_left, stop_left):
-    """bench_quality.py training for the minutes that remain (``seconds_left`` of the budget, less
+    """bench.quality training for the minutes that remain (``seconds_left`` of the budget, less
     the reserve for its data and scoring), stopped ``stop_left`` seconds from now at the latest."""
-    cmd = [sys.executable, str(BENCH / "bench_quality.py"), "--device", args.device,
+    cmd = [sys.executable, "-m", "reverse_voicefilter.bench.quality", "--device", args.device,
            "--data", str(Path(args.payload, "librispeech-mini")), "-o", args.work, "--json", str(out / "quality.json"),
            "--jobs", str(args.jobs)]
     if args.quick:

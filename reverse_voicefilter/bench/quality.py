@@ -4,7 +4,7 @@ What the original's users ask first is what SDR they will get. This benchmark an
 real speech of librispeech-mini (../shared/data/librispeech-mini), end to end through this
 project's own code:
 
-* data (bench/quality_data.py): training speakers are train-clean-100's 251, each one long
+* data (reverse_voicefilter/bench/quality_data.py): training speakers are train-clean-100's 251, each one long
   utterance cut into pieces at its pauses; test speakers are test-other's 10 (100 utterances),
   never seen in training, mixed by the official-triplet path (``generator.py --tuples``: whole
   utterances, gain 1) from a triplet list drawn with ``--test_seed``, so the figure means what
@@ -23,9 +23,9 @@ The curve (the checkpoints on the first ``--curve_samples`` test mixtures) and t
 and drawn in OUT/quality_curve.png. A run folder that finished is reused: a second invocation
 with the same settings only scores (delete OUT/runs/NAME to train again).
 
-    .venv/bin/python bench/bench_quality.py --quick                 # < 2 min: a check that it works
-    .venv/bin/python bench/bench_quality.py --size tiny --minutes 30 --seeds 1 2 --reverse
-    .venv/bin/python bench/bench_quality.py --size default --device cuda --precision bf16 --minutes 5
+    .venv/bin/python -m reverse_voicefilter.bench.quality --quick                 # < 2 min: a check that it works
+    .venv/bin/python -m reverse_voicefilter.bench.quality --size tiny --minutes 30 --seeds 1 2 --reverse
+    .venv/bin/python -m reverse_voicefilter.bench.quality --size default --device cuda --precision bf16 --minutes 5
 """
 import argparse
 import json
@@ -37,19 +37,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import yaml
 
-import common  # noqa: E402  (after the path tweak: run as ``python bench/bench_quality.py``)
-import quality_data  # noqa: E402
-import quality_report  # noqa: E402
-import yaml  # noqa: E402
-
-from reverse_voicefilter.core.atomic import write_text  # noqa: E402
+from reverse_voicefilter.bench import common, quality_data, quality_report
+from reverse_voicefilter.core.atomic import write_text
 
 ROOT = common.ROOT
 EMBEDDER = "resemblyzer"
 MODES = ("org", "inv_sub", "inv_div")
-SIZES = {"tiny": "config/tiny.yaml", "default": "config/default.yaml"}
+SIZES = {"tiny": "reverse_voicefilter/config/tiny.yaml", "default": "reverse_voicefilter/config/default.yaml"}
 # Recipes compared by --recipe: config changes on top of the size's config (docs/recipes.md)
 RECIPES = {
     "original": {},
@@ -60,7 +56,7 @@ RECIPES = {
     "warm-start": {},
 }
 # trainer.py flags of a recipe, beside its config changes
-RECIPE_FLAGS = {"warm-start": ["--init_from", str(ROOT / "reverse_voicefilter" / "assets" / "demo-tiny-6000.pt")]}
+RECIPE_FLAGS = {"warm-start": ["--init_from", str(common.PACKAGE / "assets" / "demo-tiny-6000.pt")]}
 POLL_SECONDS = 15  # how often a running trainer's folder is looked at for checkpoints to score
 
 
@@ -94,7 +90,7 @@ def parse_args(argv=None):
                    help="test mixtures scored with the last checkpoint (0: all of them)")
     p.add_argument("--test_seed", type=int, default=0, help="seed of the test triplets")
     p.add_argument("--data", default=str(common.DEFAULT_DATA), help="librispeech-mini root")
-    p.add_argument("-o", "--out", default=str(ROOT / "bench" / "out" / "quality"), help="work and result folder")
+    p.add_argument("-o", "--out", default=str(common.OUT / "quality"), help="work and result folder")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     p.add_argument("--jobs", type=int, default=max(1, min(2, os.cpu_count() or 1)), help="SDR processes")
     p.add_argument("--quick", action="store_true",

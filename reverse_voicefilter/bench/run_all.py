@@ -3,8 +3,8 @@
 Each runs as its own subprocess with the flags given here passed on; each prints its markdown
 table as it finishes, and ``--json_dir`` keeps one JSON file per benchmark.
 
-    .venv/bin/python bench/run_all.py --quick                # tiny config: a few minutes in all
-    .venv/bin/python bench/run_all.py --json_dir bench_results  # default sizes: about an hour on 2 cores
+    .venv/bin/python -m reverse_voicefilter.bench.run_all --quick                    # tiny config: minutes
+    .venv/bin/python -m reverse_voicefilter.bench.run_all --json_dir bench_results   # default sizes: an hour
 """
 import argparse
 import subprocess
@@ -12,8 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-BENCHMARKS = ["bench_generator", "bench_loader", "bench_train", "bench_inference"]
+BENCHMARKS = ["generator", "loader", "train", "inference"]
 
 
 def main():
@@ -27,7 +26,7 @@ def main():
     args = p.parse_args()
     failed = []
     for name in args.only:
-        cmd = [sys.executable, str(HERE / f"{name}.py"), "--device", args.device]
+        cmd = [sys.executable, "-m", f"reverse_voicefilter.bench.{name}", "--device", args.device]
         cmd += ["--quick"] if args.quick else []
         cmd += ["--threads", str(args.threads)] if args.threads else []
         cmd += ["--timeout", str(args.timeout)] if args.timeout else []

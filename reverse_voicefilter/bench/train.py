@@ -32,18 +32,15 @@ bf16 variants are left out: the trainer runs fp32 there (reverse_voicefilter.cor
 about 800 s for one forward pass of a 3 s clip.
 ``--quick`` (config/tiny.yaml, 2 steps) takes 2-3 minutes.
 
-    .venv/bin/python bench/bench_train.py                       # default size, ~30 min on that CPU
-    .venv/bin/python bench/bench_train.py --quick               # a check that it works
-    .venv/bin/python bench/bench_train.py --device cuda --steps 20 --warmup 5
+    .venv/bin/python -m reverse_voicefilter.bench.train                       # default size, ~30 min on that CPU
+    .venv/bin/python -m reverse_voicefilter.bench.train --quick               # a check that it works
+    .venv/bin/python -m reverse_voicefilter.bench.train --device cuda --steps 20 --warmup 5
 """
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402  (after the path tweak: run as ``python bench/bench_train.py``)
-import roofline  # noqa: E402
+from reverse_voicefilter.bench import common, roofline
 
 VARIANTS = {  # name: (precision, channels_last, recompute d-vectors)
     "fp32": ("fp32", False, False),
@@ -68,7 +65,7 @@ def parse_args():
     common.add_allocator_flag(p, "as trainer.py with the config: reuse where train.keep_freed_memory is true")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first (default 1)")
     args = common.parse(p)
-    args.config = args.config or str(common.ROOT / "config" / ("tiny.yaml" if args.quick else "default.yaml"))
+    args.config = args.config or str(common.PACKAGE / "config" / ("tiny.yaml" if args.quick else "default.yaml"))
     args.steps = args.steps or (2 if args.quick else 3)
     return args
 
@@ -164,9 +161,9 @@ def main():
     device, names, info = started
     print(f"training benchmark: {args.config}, batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed "
           f"steps per variant, timeout {args.timeout:g} s", file=sys.stderr)
-    peaks = common.run_variants(__file__, [roofline.PEAKS], common.child_argv(), args.timeout)[roofline.PEAKS]
+    peaks = common.run_variants(__spec__.name, [roofline.PEAKS], common.child_argv(), args.timeout)[roofline.PEAKS]
     peaks = None if "error" in peaks else peaks
-    results = common.run_variants(__file__, names, common.child_argv(), args.timeout)
+    results = common.run_variants(__spec__.name, names, common.child_argv(), args.timeout)
     from reverse_voicefilter.core.hparams import HParam
 
     hp = HParam(args.config)

@@ -28,9 +28,9 @@ oneDNN cannot run bf16 convolutions (AVX2 only) the bf16 variants are left out: 
 fp32 there (reverse_voicefilter.core.precision), and emulated bf16 took about 800 s for one 3 s clip.
 ``--quick`` (config/tiny.yaml): about 2 minutes.
 
-    .venv/bin/python bench/bench_inference.py
-    .venv/bin/python bench/bench_inference.py --quick
-    .venv/bin/python bench/bench_inference.py --device cuda --repeats 10
+    .venv/bin/python -m reverse_voicefilter.bench.inference
+    .venv/bin/python -m reverse_voicefilter.bench.inference --quick
+    .venv/bin/python -m reverse_voicefilter.bench.inference --device cuda --repeats 10
 """
 import argparse
 import json
@@ -43,10 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402  (after the path tweak: run as ``python bench/bench_inference.py``)
-import roofline  # noqa: E402
+from reverse_voicefilter.bench import common, roofline
 
 VARIANTS = {  # name: (kind, precision, channels_last, batch norms folded)
     "model-fp32": ("model", "fp32", False, True),
@@ -59,7 +56,7 @@ VARIANTS = {  # name: (kind, precision, channels_last, batch norms folded)
 }
 RATE = 16000
 REFERENCE_SECONDS = 5.0  # the reference recording is cut to this length
-PROJECT_PACKAGES = {"inference", "utils", "model", "datasets"}  # left out of the import-time ranking
+PROJECT_PACKAGES = {"inference", "reverse_voicefilter"}
 
 
 def parse_args():
@@ -73,7 +70,7 @@ def parse_args():
     p.add_argument("--long_repeats", type=int, default=1, help="model alone: timed calls per longer mixture")
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)  # internal: the prepared files (child)
     args = common.parse(p)
-    args.config = args.config or str(common.ROOT / "config" / ("tiny.yaml" if args.quick else "default.yaml"))
+    args.config = args.config or str(common.PACKAGE / "config" / ("tiny.yaml" if args.quick else "default.yaml"))
     return args
 
 
@@ -271,7 +268,7 @@ def main():
         return
     device, names, info = started
     startup = startup_cost(args)
-    peaks = common.run_variants(__file__, [roofline.PEAKS], common.child_argv(), args.timeout)[roofline.PEAKS]
+    peaks = common.run_variants(__spec__.name, [roofline.PEAKS], common.child_argv(), args.timeout)[roofline.PEAKS]
     peaks = None if "error" in peaks else peaks
 
     def prepare_files(workdir):
@@ -280,7 +277,7 @@ def main():
               f"({files['source']}), timeout {args.timeout:g} s per variant", file=sys.stderr)
         return files
 
-    files, results = common.run_in_workdir(__file__, names, args.timeout, "bench_inference_", "files.json",
+    files, results = common.run_in_workdir(__spec__.name, names, args.timeout, "bench_inference_", "files.json",
                                            prepare_files)
     imports = ", ".join(f"{name} {s:.2f} s" for s, name in startup["top_imports"])
     notes = [f"Start-up: `python -c pass` {startup['python_s']:.2f} s, `python inference.py --help` "

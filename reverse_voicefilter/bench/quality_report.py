@@ -1,4 +1,4 @@
-"""Scoring and reporting of bench_quality.py: each checkpoint of a run by evaluate.py's code, the
+"""Scoring and reporting of bench.quality: each checkpoint of a run by evaluate.py's code, the
 curve, the final table and the picture.
 
 Each row names its task: ``keep`` (the output should be the reference speaker) or ``remove`` (the

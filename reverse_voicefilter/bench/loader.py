@@ -21,14 +21,14 @@ folder's size per sample for ``precomputed``; for online, the bytes written unde
 folders while it ran: the d-vector cache only, per reference, nothing per sample).
 
 Data: ``../shared/data/librispeech-mini`` (``--data``): test-other, 10 speakers x 10 utterances,
-FLAC, used as the training speakers (as bench_generator.py does); without it the synthetic demo
+FLAC, used as the training speakers (as bench.generator does); without it the synthetic demo
 corpus. The embedder is resemblyzer's pretrained encoder (the trainer's default).
 
 Duration on the 2-core development machine: ``--quick`` (config/tiny.yaml) about 2 minutes;
 the default size (config/default.yaml, 2 timed steps of about 22 s each per variant) about 10.
 
-    .venv/bin/python bench/bench_loader.py --quick
-    .venv/bin/python bench/bench_loader.py --threads 1 --json loader.json
+    .venv/bin/python -m reverse_voicefilter.bench.loader --quick
+    .venv/bin/python -m reverse_voicefilter.bench.loader --threads 1 --json loader.json
 """
 import argparse
 import json
@@ -38,10 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402  (after the path tweak: run as ``python bench/bench_loader.py``)
-from bench_generator import data_flags, prepare_corpus  # noqa: E402
+from reverse_voicefilter.bench import common
+from reverse_voicefilter.bench.generator import data_flags, prepare_corpus
 
 VARIANTS = {"precomputed": None, "online-w0": 0, "online-w1": 1, "online-w2": 2}  # name: online loader workers
 
@@ -55,7 +53,7 @@ def parse_args():
     p.add_argument("--warmup", type=int, default=1, help="untimed training steps first (default 1)")
     p.add_argument("--workdir", default=None, help=argparse.SUPPRESS)  # internal: the parent's scratch folder
     args = common.parse(p)
-    args.config = args.config or str(common.ROOT / "config" / ("tiny.yaml" if args.quick else "default.yaml"))
+    args.config = args.config or str(common.PACKAGE / "config" / ("tiny.yaml" if args.quick else "default.yaml"))
     args.samples = args.samples or (64 if args.quick else 200)
     args.steps = args.steps or (3 if args.quick else 2)
     return args
@@ -169,7 +167,7 @@ def main():
                          "--progress", "False"])
         return corpus
 
-    corpus, results = common.run_in_workdir(__file__, names, args.timeout, "bench_loader_", "corpus.json", prepare)
+    corpus, results = common.run_in_workdir(__spec__.name, names, args.timeout, "bench_loader_", "corpus.json", prepare)
     columns = [("samples/s, cold epoch", "cold_samples_per_s"), ("samples/s, warm epoch", "warm_samples_per_s"),
                ("first batch s (cold)", "cold_first_batch_s"), ("train s/step", "s_per_step"),
                ("of which waiting for data", "wait_s_per_step"), ("disk kB/sample", "disk_kb_per_sample"),

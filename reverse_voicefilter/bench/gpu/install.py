@@ -2,7 +2,7 @@
 the benchmarks need checked in a fresh interpreter (which must have that folder on PYTHONPATH, as
 run.py gives every stage).
 
-    python3 bench/gpu/install.py --wheels bench/gpu/payload/wheels --site /tmp/site
+    python3 reverse_voicefilter/bench/gpu/install.py --wheels bench/gpu/payload/wheels --site /tmp/site
 """
 import argparse
 import subprocess

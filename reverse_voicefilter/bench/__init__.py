@@ -1,0 +1,1 @@
+"""The benchmarks: ``python -m reverse_voicefilter.bench.NAME`` (README.md here)."""

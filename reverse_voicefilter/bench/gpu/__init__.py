@@ -1,0 +1,1 @@
+"""The GPU run: ``prepare`` here, ``run`` on the GPU machine."""
