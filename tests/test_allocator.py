@@ -2,6 +2,7 @@
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 # Allocates and frees 256 MB four times (numpy: plain malloc) and prints each round's page faults.
@@ -34,9 +35,20 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
     assert reuse[0] > 0 and reuse[1:] == [0, 0, 0]
 
 
-def test_inference_keeps_freed_memory_and_trainer_leaves_it_to_the_config():
-    def main_block(script):
-        text = (ROOT / script).read_text()
-        return text[text.index('if __name__ == "__main__":'):]
-    assert "reuse_freed_memory()" in main_block("inference.py")
-    assert "reuse_freed_memory" not in main_block("trainer.py")  # train.keep_freed_memory decides
+@pytest.mark.parametrize("command, asks", [("inference", True), ("evaluate", False), ("trainer", False)])
+def test_inference_keeps_freed_memory_and_trainer_leaves_it_to_the_config(command, asks, monkeypatch):
+    """The command line's entry point switches the allocator (inference.py) or leaves it alone (the
+    trainer: train.keep_freed_memory decides; evaluate.py); the real switch would change this test
+    process's allocator for the rest of the suite, so the call is recorded instead."""
+    import importlib
+
+    import reverse_voicefilter.core.allocator as allocator
+
+    calls = []
+    monkeypatch.setattr(allocator, "reuse_freed_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr(sys, "argv", [f"{command}.py", "--help"])
+    module = importlib.import_module(f"reverse_voicefilter.commands.{command}")
+    with pytest.raises(SystemExit) as done:
+        module.console()
+    assert done.value.code == 0
+    assert calls == ([1] if asks else [])

@@ -14,7 +14,7 @@ from reverse_voicefilter.core.audio import Audio
 from reverse_voicefilter.core.errors import UserError
 from reverse_voicefilter.model.embedder import SpeechEmbedder
 from reverse_voicefilter.model.model import VoiceFilter
-from reverse_voicefilter.separation.separator import MASK_MODES
+from reverse_voicefilter.separation.options import MASK_MODES
 
 SECONDS = 2.0  # tiny.yaml's audio_len
 
@@ -176,7 +176,7 @@ def test_reversed_data_and_limit(setup, tmp_path):
     """In this process (jobs 1): the manifest's "reversed" is read, --limit is honoured, and the
     scores follow the -target.wav file, whatever speaker it holds."""
     from reverse_voicefilter.evaluation.evaluate import run_evaluation
-    from reverse_voicefilter.separation.separator import load_separator
+    from reverse_voicefilter.separation.loading import load_separator
 
     split = make_test_folder(tmp_path / "rev", count=2, reversed_data=True)
     separator = load_separator(setup["hp"], setup["checkpoint"], setup["embedder"], torch.device("cpu"))
@@ -242,7 +242,7 @@ def test_stale_temporaries_are_cleared_and_threads_logged(evaluated):
 def test_unwritable_out_dir_is_one_line_before_any_work(setup, tmp_path, capsys, monkeypatch):
     from reverse_voicefilter.commands import evaluate
     from reverse_voicefilter.evaluation import evaluate as evaluation
-    from reverse_voicefilter.separation import separator as separation
+    from reverse_voicefilter.separation import loading as separation
 
     blocker = tmp_path / "somefile.txt"
     blocker.write_text("a file, not a folder")
@@ -273,7 +273,7 @@ def test_org_is_scored_against_the_speaker_the_model_keeps(setup, tmp_path, capl
     -mixed.wav minus -target.wav, with a warning; --reversed True says otherwise."""
     from reverse_voicefilter.evaluation.evaluate import run_evaluation
     from reverse_voicefilter.evaluation.metrics import sdr
-    from reverse_voicefilter.separation.separator import load_separator
+    from reverse_voicefilter.separation.loading import load_separator
 
     checkpoint = model_trained_on(setup, tmp_path / "model", reverse=False)
     split = make_test_folder(tmp_path / "rev", count=1, reversed_data=True)

@@ -16,14 +16,10 @@ from reverse_voicefilter.core.hparams import HParam
 from reverse_voicefilter.core.precision import BF16_ENV, cpu_has_native_bf16, cpu_runs_bf16
 from reverse_voicefilter.model.embedder import SpeechEmbedder, load_embedder
 from reverse_voicefilter.model.model import VoiceFilter
-from reverse_voicefilter.separation.separator import (
-    INV_DIV_EPS,
-    MASK_MODES,
-    Separator,
-    apply_mask,
-    config_mismatches,
-    load_separator,
-)
+from reverse_voicefilter.separation.loading import config_mismatches, load_separator
+from reverse_voicefilter.separation.masks import apply_mask
+from reverse_voicefilter.separation.options import INV_DIV_EPS, MASK_MODES
+from reverse_voicefilter.separation.separator import Separator
 
 RATE = 16000
 # tiny.yaml plus a small embedder, so that an original-format embedder.pt is quick to make
@@ -285,7 +281,7 @@ def test_config_mismatch_is_reported(tiny):
 
 
 def test_checkpoint_of_a_fitting_but_different_config_warns(tiny, tmp_path, caplog):
-    from reverse_voicefilter.separation.separator import load_model
+    from reverse_voicefilter.separation.loading import load_model
 
     state = torch.load(tiny["checkpoint"], weights_only=True)
     state["hp_str"] = state["hp_str"].replace("hop_length: 160", "hop_length: 100")
@@ -361,7 +357,7 @@ def test_single_batch_and_folder_give_the_same_outputs(tiny, tiny_separator, tmp
 
 def test_paired_references_and_name_clash(tiny, tiny_separator, tmp_path):
     from reverse_voicefilter.core.errors import UserError
-    from reverse_voicefilter.separation.separator import output_plan, pair_references
+    from reverse_voicefilter.separation.options import output_plan, pair_references
 
     a, b = Path("x/a.wav"), Path("y/a.wav")
     with pytest.raises(UserError, match="same output name"):
@@ -538,7 +534,7 @@ def test_config_comes_from_the_checkpoint_when_c_is_absent(tiny, tmp_path, capsy
 # ---- defects -------------------------------------------------------------------------------------------
 def test_unwritable_out_dir_is_one_line_before_any_work(tiny, tmp_path, capsys, monkeypatch):
     from reverse_voicefilter.commands import inference
-    from reverse_voicefilter.separation import separator as separation
+    from reverse_voicefilter.separation import loading as separation
     blocker = tmp_path / "somefile.txt"
     blocker.write_text("a file, not a folder")
     monkeypatch.setattr(separation, "load_separator", lambda *a, **k: pytest.fail("loaded the model first"))
@@ -569,7 +565,7 @@ def test_a_generator_folder_gives_its_mixtures_only(tmp_path):
 @pytest.mark.parametrize("embedder,seconds", [("tiny", 12700 / RATE), ("resemblyzer", 1.0)])
 def test_a_reference_shorter_than_the_embedders_window_warns(tiny, tmp_path, caplog, embedder, seconds):
     """The original embedder's window is 80 frames x 160 samples (0.8 s); resemblyzer's 1.6 s."""
-    from reverse_voicefilter.separation.separator import reference_dvecs
+    from reverse_voicefilter.separation.files import reference_dvecs
 
     spec = tiny["embedder"] if embedder == "tiny" else "resemblyzer"
     separator = Separator(tiny["hp"], None, load_embedder(spec, tiny["hp"]), torch.device("cpu"))
@@ -628,7 +624,7 @@ def test_result_picture_shares_scales_and_has_real_axes(tiny, tiny_separator, tm
     """result.png: one colour scale for mixture and outputs, one for mask and gains; seconds and Hz;
     the file names in the title; the inverse modes' panel is the gain they applied."""
     from reverse_voicefilter.core import plotting
-    from reverse_voicefilter.separation.separator import save_result_picture
+    from reverse_voicefilter.separation.files import save_result_picture
 
     figures = []
     monkeypatch.setattr(plotting, "_save_figure", lambda fig, path: figures.append(fig))

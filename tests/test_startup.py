@@ -14,7 +14,7 @@ from reverse_voicefilter.core.checkpoint import load_checkpoint, save_checkpoint
 from reverse_voicefilter.core.hparams import HParam
 from reverse_voicefilter.model.embedder import SpeechEmbedder
 from reverse_voicefilter.model.model import VoiceFilter
-from reverse_voicefilter.separation.separator import load_model
+from reverse_voicefilter.separation.loading import load_model
 
 # Each costs 0.1-0.4 s of CPU to import and none is needed to separate a file.
 NOT_NEEDED = ("numba", "llvmlite", "matplotlib", "tensorboardX", "mir_eval", "scipy.signal", "scipy.stats")

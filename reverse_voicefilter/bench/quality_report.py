@@ -17,7 +17,7 @@ from reverse_voicefilter.core.checkpoint import run_checkpoints
 from reverse_voicefilter.core.plotting import _save_figure, plt
 from reverse_voicefilter.evaluation.evaluate import evaluate, run_evaluation, summarize
 from reverse_voicefilter.evaluation.scoring import TARGET
-from reverse_voicefilter.separation.separator import load_separator
+from reverse_voicefilter.separation.loading import load_separator
 
 CURVE_METRICS = ("sdr_gain", "si_sdr_gain", "similarity_after")
 

@@ -90,7 +90,7 @@ def main(argv=None):
             format_table,
             run_evaluation,
         )
-        from reverse_voicefilter.separation.separator import load_separator
+        from reverse_voicefilter.separation.loading import load_separator
 
         apply_threads(args.threads, log)
         separator = load_separator(hp, args.checkpoint_path, args.embedder_path, device, config_path=args.config,

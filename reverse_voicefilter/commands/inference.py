@@ -92,7 +92,8 @@ def main(argv=None):
     log.info("%d mixture(s), mask %s, output to %s", len(inputs), ", ".join(modes), args.out_dir)
     with output_folder(args.out_dir, "-o"):
         with bulk_imports():  # torch: only once the arguments are good
-            from reverse_voicefilter.separation.separator import load_separator, separate_files
+            from reverse_voicefilter.separation.files import separate_files
+            from reverse_voicefilter.separation.loading import load_separator
 
         apply_threads(args.threads, log)
         separator = load_separator(hp, args.checkpoint_path, args.embedder_path, pick_device(args.device),

@@ -230,7 +230,7 @@ def evaluate(separator, split_dir, modes, factor, limit=0, reversed_flag=None, j
         samples = samples[:limit]
     if not samples:
         raise UserError(f"no complete samples (-mixed.wav, -target.wav, -dvec.txt) in {split_dir}")
-    source = getattr(separator, "source", None)
+    source = separator.source
     targets = decide_targets(samples, split_dir, reversed_flag, source.hp_str if source else None)
     org_kind = targets.org_kind
     dvec_of = load_dvecs(samples, split_dir, separator.embedder, rate, write=True, progress=progress)
