@@ -9,7 +9,7 @@ import pytest
 import soundfile as sf
 
 from reverse_voicefilter.core.atomic import is_temporary
-from reverse_voicefilter.prepare import demo_corpus
+from reverse_voicefilter.prepare import demo_corpus, synthetic_voice
 
 SMALL = {"train-clean-100": (3, 2), "dev-clean": (2, 2)}
 DURATION = (1.5, 2.5)
@@ -143,10 +143,10 @@ def test_same_speaker_spectra_are_nearest(speaker_corpus):
 
 
 def test_speaker_traits_are_stable_and_distinct():
-    a, b = demo_corpus.speaker_traits(0, 1001), demo_corpus.speaker_traits(0, 1001)
+    a, b = synthetic_voice.speaker_traits(0, 1001), synthetic_voice.speaker_traits(0, 1001)
     assert a.f0_mean == b.f0_mean and np.array_equal(a.colour, b.colour)
-    assert demo_corpus.speaker_traits(0, 1002).f0_mean != a.f0_mean
-    assert demo_corpus.speaker_traits(1, 1001).f0_mean != a.f0_mean
+    assert synthetic_voice.speaker_traits(0, 1002).f0_mean != a.f0_mean
+    assert synthetic_voice.speaker_traits(1, 1001).f0_mean != a.f0_mean
 
 
 @pytest.mark.parametrize("subsets, duration", [

@@ -198,7 +198,8 @@ def test_reversed_data_and_limit(setup, tmp_path):
 def test_reversed_flag_and_mixed_manifest(tmp_path):
     from reverse_voicefilter.core.hparams import HParam
     from reverse_voicefilter.data.samples import list_samples
-    from reverse_voicefilter.evaluation.evaluate import TARGET, decide_targets, split_reversed
+    from reverse_voicefilter.evaluation.evaluate import decide_targets, split_reversed
+    from reverse_voicefilter.evaluation.scoring import TARGET
 
     hp = HParam()
     split = make_test_folder(tmp_path / "a", count=2, manifest=False)

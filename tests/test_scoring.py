@@ -19,7 +19,7 @@ from reverse_voicefilter.evaluation.scoring import nan_median, score_sample
 from reverse_voicefilter.model.embedder import load_embedder
 from reverse_voicefilter.model.model import VoiceFilter
 from reverse_voicefilter.separation.separator import Separator
-from reverse_voicefilter.training.train import make_loss
+from reverse_voicefilter.training.steps import make_loss
 from reverse_voicefilter.training.validation import Validator
 
 CPU = torch.device("cpu")

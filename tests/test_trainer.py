@@ -27,10 +27,12 @@ from reverse_voicefilter.core.audio import Audio, save_wav
 from reverse_voicefilter.core.checkpoint import compact_checkpoint, load_checkpoint, save_checkpoint
 from reverse_voicefilter.core.errors import TrainingDiverged, UserError, run_cli
 from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.core.signals import StopSignals
 from reverse_voicefilter.data.dataloader import ResumableSampler, build_dataset
 from reverse_voicefilter.data.dvec_cache import cache_path
 from reverse_voicefilter.model.embedder import SpeechEmbedder, load_embedder
-from reverse_voicefilter.training.train import StopSignals, make_loss, run_training
+from reverse_voicefilter.training.steps import make_loss
+from reverse_voicefilter.training.train import run_training
 
 RATE = 16000
 N_TRAIN, N_TEST = 16, 4
@@ -489,7 +491,7 @@ def test_bf16_and_channels_last_steps_stay_close_to_fp32():
 
     from reverse_voicefilter.core.hparams import HParam
     from reverse_voicefilter.model.model import VoiceFilter
-    from reverse_voicefilter.training.train import make_loss, train_step
+    from reverse_voicefilter.training.steps import make_loss, train_step
 
     hp = HParam(str(ROOT / "config" / "tiny.yaml"))
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ takes (d-vectors [B, E] and both spectrograms [B, T, F], the online spectrograms
 decodes each utterance and embeds each reference the first time it is drawn) and warm (epoch 0
 again: every utterance decoded and every reference embedded already, the steady state of a long
 run, whose later epochs draw new mixtures of utterances it has seen); then a few training steps at
-the config's size (``reverse_voicefilter.training.train.train_step``, Adam) on epoch 2, fed by that loader: seconds per
+the config's size (``training.steps.train_step``, Adam) on epoch 2, fed by that loader: seconds per
 step and the seconds of each step spent waiting for the loader. Disk: what the variant needs per sample (the generated
 folder's size per sample for ``precomputed``; for online, the bytes written under the run's
 folders while it ran: the d-vector cache only, per reference, nothing per sample).
@@ -115,7 +115,7 @@ def run_variant(args, name):
 
     from reverse_voicefilter.core.hparams import HParam
     from reverse_voicefilter.model.model import VoiceFilter
-    from reverse_voicefilter.training.train import make_loss, make_optimizer, train_step
+    from reverse_voicefilter.training.steps import make_loss, make_optimizer, train_step
 
     device = common.pick(args.device)
     hp = HParam(args.config)

@@ -1,4 +1,4 @@
-"""Training throughput: seconds per optimizer step of ``reverse_voicefilter.training.train.train_step`` (Adam, the
+"""Training throughput: seconds per optimizer step of ``training.steps.train_step`` (Adam, the
 config's loss), on synthetic tensors of the training shapes, per precision and memory format.
 
 Variants (each in a fresh process):
@@ -78,7 +78,7 @@ def run_variant(args, name):
     from reverse_voicefilter.core.hparams import HParam
     from reverse_voicefilter.model.embedder import SpeechEmbedder
     from reverse_voicefilter.model.model import VoiceFilter
-    from reverse_voicefilter.training.train import make_loss, make_optimizer, train_step
+    from reverse_voicefilter.training.steps import make_loss, make_optimizer, train_step
 
     hp = HParam(args.config)
     common.set_allocator(args, "reuse" if hp.train.keep_freed_memory else "glibc")

@@ -86,10 +86,7 @@ def main(argv=None):
         for path in remove_stale_temporaries(args.out_dir, legacy_suffixes=LEGACY_TEMPORARIES):
             log.info("removed %s, left by an interrupted run", path)
         device = pick_device(args.device)
-        from reverse_voicefilter.evaluation.evaluate import (  # torch: only once the arguments are good
-            format_table,
-            run_evaluation,
-        )
+        from reverse_voicefilter.evaluation.evaluate import format_table, run_evaluation
         from reverse_voicefilter.separation.loading import load_separator
 
         apply_threads(args.threads, log)

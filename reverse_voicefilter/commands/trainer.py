@@ -62,7 +62,7 @@ def main(argv=None):
     if args.reverse_data is not None:
         hp.data.reverse_data = args.reverse_data
 
-    from reverse_voicefilter.training.train import run_training  # torch and friends: after the flags are checked
+    from reverse_voicefilter.training.train import run_training
     return run_training(hp, args.model, base_dir=args.base_dir, embedder=args.embedder_path,
                         checkpoint_path=args.checkpoint_path, init_from=args.init_from, overwrite=args.overwrite,
                         threads=args.threads, device=args.device)

@@ -16,7 +16,6 @@ import copy
 import itertools
 import logging
 import math
-import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from reverse_voicefilter.core.checkpoint import load_checkpoint, load_model_weig
 from reverse_voicefilter.core.cli import check_writable_dir, pick_device
 from reverse_voicefilter.core.errors import TrainingDiverged, UserError
 from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.core.signals import StopSignals, signal_exit_code
 from reverse_voicefilter.embedding.config import ge2e_config_changes
 from reverse_voicefilter.embedding.data import BatchSource, find_training_speakers, utterance_lists
 from reverse_voicefilter.embedding.eer import evaluate_trials, folder_trials
@@ -44,14 +44,12 @@ from reverse_voicefilter.model.embedder import (
     load_embedder,
     resemblyzer_format,
 )
-from reverse_voicefilter.training.train import StopSignals
 
 logger = logging.getLogger(__name__)
 
 ARCHITECTURES = ("original", RESEMBLYZER)
 EMBEDDER_NAME = "embedder.pt"
 CONFIG_NAME = "config.yaml"
-SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 # where the data lie, how it is loaded and when to stop: a resume changing these is not warned about
 NOT_HYPERPARAMETERS = {"ge2e.max_steps", "ge2e.libri_dir", "ge2e.vox_dir", "ge2e.num_workers", "ge2e.cache_audio"}
 
@@ -279,7 +277,7 @@ def _loop(run, source, trials, progress):
             if signals.signum:
                 path = save(run) if last_saved != run.step else run.chkpt_dir / f"chkpt_{run.step}.pt"
                 logger.warning("stopped at step %d: resume with --checkpoint_path %s", run.step, path)
-                return SIGNAL_EXIT.get(signals.signum, 128 + signals.signum)
+                return signal_exit_code(signals.signum)
     eer = f", validation EER {100 * run.eer_history[-1][1]:.2f} %" if run.eer_history else ""
     logger.info("done: step %d in %.0f s%s; embedder written to %s", run.step, time.perf_counter() - started,
                 eer, run.chkpt_dir / EMBEDDER_NAME)

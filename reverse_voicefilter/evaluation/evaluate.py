@@ -38,7 +38,7 @@ from reverse_voicefilter.core.hparams import HParam
 from reverse_voicefilter.data.dvec_cache import load_dvecs, reference_key
 from reverse_voicefilter.data.generation import SETTINGS_FILE
 from reverse_voicefilter.data.samples import list_samples, read_manifest
-from reverse_voicefilter.evaluation.scoring import (  # noqa: F401 (TARGET, RESIDUAL, reference_kind, score_sample: re-exported)
+from reverse_voicefilter.evaluation.scoring import (
     RESIDUAL,
     TARGET,
     check_lengths,
