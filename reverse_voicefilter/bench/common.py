@@ -415,7 +415,7 @@ def report(title, info, table, notes=(), json_path=None, payload=None):
     for note in notes:
         print(f"\n{note}")
     if json_path:
-        from reverse_voicefilter.core.atomic import write_text
+        from reverse_voicefilter.core.jsonfile import write_json
 
-        write_text(json_path, json.dumps({"title": title, "machine": info, **(payload or {})}, indent=1) + "\n")
+        write_json(json_path, {"title": title, "machine": info, **(payload or {})})
         print(f"\n(results written to {json_path})")

@@ -29,7 +29,6 @@ with the same settings only scores (delete OUT/runs/NAME to train again).
 """
 import argparse
 import json
-import math
 import os
 import signal
 import subprocess
@@ -37,23 +36,24 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
-
 from reverse_voicefilter.bench import common, quality_data, quality_report
 from reverse_voicefilter.core.atomic import write_text
+from reverse_voicefilter.core.hparams import HParam, dump, merge
+from reverse_voicefilter.core.jsonfile import json_text, write_json
 
 ROOT = common.ROOT
 EMBEDDER = "resemblyzer"
 MODES = ("org", "inv_sub", "inv_div")
 SIZES = {"tiny": "reverse_voicefilter/config/tiny.yaml", "default": "reverse_voicefilter/config/default.yaml"}
-# Recipes compared by --recipe: config changes on top of the size's config (docs/recipes.md)
+# Recipes compared by --recipe: the config changes on top of the size's config, given the run's
+# --steps (docs/recipes.md)
 RECIPES = {
-    "original": {},
-    "power-law": {"train": {"loss": "power_law"}},
+    "original": lambda steps: {},
+    "power-law": lambda steps: {"train": {"loss": "power_law"}},
     # warm-up over the first tenth of --steps, then down to 5 % of the rate at the last step
-    "warmup-cosine": {"train": {"lr_schedule": "warmup_cosine", "warmup_steps": "STEPS/10"}},
+    "warmup-cosine": lambda steps: {"train": {"lr_schedule": "warmup_cosine", "warmup_steps": max(1, steps // 10)}},
     # the demo's network (synthetic voices, 6000 steps, past its plateau) fine-tuned on the real pieces
-    "warm-start": {},
+    "warm-start": lambda steps: {},
 }
 # trainer.py flags of a recipe, beside its config changes
 RECIPE_FLAGS = {"warm-start": ["--init_from", str(common.PACKAGE / "assets" / "demo-tiny-6000.pt")]}
@@ -121,21 +121,11 @@ def parse_args(argv=None):
     return args
 
 
-def _merge(base, changes):
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
 def run_config(args, libri_root, test_dir, seed, reverse, recipe):
-    """The trainer's config (multi-document yaml) of one model."""
-    sections = {}
-    for doc in yaml.safe_load_all((ROOT / SIZES[args.size]).read_text()):
-        _merge(sections, doc or {})
-    _merge(sections, {
+    """The trainer's config (multi-document yaml) of one model: the size's config with the data,
+    budget and recipe of this run merged over it (core.hparams' strict merge: a key that does not
+    exist fails here, not in the trainer)."""
+    changes = {
         "data": {"mixing": "online", "libri_dir": str(libri_root), "test_dir": str(test_dir),
                  "train_subsets": [quality_data.TRAIN_SUBSET], "test_subsets": [quality_data.TEST_SUBSET],
                  "input_glob": "*.wav", "mixing_seed": seed, "reverse_data": bool(reverse),
@@ -145,14 +135,14 @@ def run_config(args, libri_root, test_dir, seed, reverse, recipe):
                   # the trainer's own validation only picks best.pt: a few mixtures keep it cheap
                   "validation_samples": min(8, args.curve_samples),
                   "max_steps": args.steps or 10 ** 7},
-    })
+    }
     if args.batch_size:
-        sections["train"]["batch_size"] = args.batch_size
+        changes["train"]["batch_size"] = args.batch_size
     if args.channels_last:
-        sections["train"]["channels_last"] = True
-    recipe_changes = json.loads(json.dumps(RECIPES[recipe]).replace('"STEPS/10"', str(max(1, (args.steps or 0) // 10))))
-    _merge(sections, recipe_changes)
-    return "\n---\n".join(yaml.safe_dump({k: v}, sort_keys=False) for k, v in sections.items())
+        changes["train"]["channels_last"] = True
+    sections = merge(HParam(ROOT / SIZES[args.size]).to_dict(), changes, "bench.quality")
+    sections = merge(sections, RECIPES[recipe](args.steps or 0), f"--recipe {recipe}")
+    return dump(sections)
 
 
 def run_name(args, seed, reverse, recipe):
@@ -207,7 +197,7 @@ def train(args, run_dir, config_text, device, recipe="original", on_checkpoint=N
         sys.exit(f"error: the trainer of {run_dir.name} failed (exit {proc.returncode}): " + " | ".join(tail))
     record = {"config": config_text, "budget": [args.steps, args.minutes], "start": start, "end": end,
               "exit": proc.returncode, "steps": max(checkpoints), "threads": args.threads or None}
-    write_text(record_path, json.dumps(record, indent=1))
+    write_json(record_path, record)
     return record
 
 
@@ -243,7 +233,7 @@ def main(argv=None):
                     def score_so_far(start, run_dir=run_dir, name=name):
                         curve = quality_report.score_curve(run_dir, start, data["test_dir"], torch_device,
                                                            args.curve_samples, args.jobs, MODES)
-                        write_text(run_dir / "curve.json", json.dumps({"name": name, "curve": curve}, indent=1))
+                        write_json(run_dir / "curve.json", {"name": name, "curve": curve})
                     record = train(args, run_dir, text, device, recipe, on_checkpoint=score_so_far)
                 scored = quality_report.score_run(run_dir, record, data["test_dir"], torch_device, args.curve_samples,
                                                   args.final_samples, args.jobs, MODES)
@@ -261,7 +251,7 @@ def main(argv=None):
     png = quality_report.plot_curves(runs, out / "quality_curve.png", title=f"{args.size}, {info['cpu']}"
                                      if device == "cpu" else f"{args.size}, {info.get('gpu', device)}")
     print(f"curve: {png}")
-    text = json.dumps(result, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x)
+    text = json_text(result)
     write_text(out / "quality.json", text)
     if args.json:
         write_text(Path(args.json), text)

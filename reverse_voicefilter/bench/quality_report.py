@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from reverse_voicefilter.core.atomic import write_text
 from reverse_voicefilter.core.checkpoint import run_checkpoints
+from reverse_voicefilter.core.jsonfile import write_json
 from reverse_voicefilter.core.plotting import _save_figure, plt
 from reverse_voicefilter.evaluation.evaluate import evaluate, run_evaluation, summarize
 from reverse_voicefilter.evaluation.scoring import TARGET
@@ -59,7 +59,7 @@ def score_curve(run_dir, start, test_dir, device, curve_samples, jobs, modes):
                                   progress=False)
             modes_summary = _modes_summary(summarize(rows, list(modes), info["targets"]))
             cached.parent.mkdir(parents=True, exist_ok=True)
-            write_text(cached, json.dumps(modes_summary))
+            write_json(cached, modes_summary)
         minutes = (os.path.getmtime(path) - start) / 60
         curve.append({"step": step, "minutes": round(minutes, 2), "modes": modes_summary})
     return curve

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from reverse_voicefilter.core.config_checks import check_config
 from reverse_voicefilter.core.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def flatten(d, prefix=""):
     return out
 
 
-def _read_documents(text, source):
+def read_documents(text, source):
     """Merge the YAML documents of ``text`` into one dict of sections."""
     try:
         docs = list(yaml.safe_load_all(text))
@@ -90,8 +91,10 @@ def _check_type(key, default, value, source):
     return value
 
 
-def _merge(defaults, user, source, prefix=""):
-    """Return ``defaults`` updated by ``user``; unknown keys and wrong types raise."""
+def merge(defaults, user, source, prefix=""):
+    """Return ``defaults`` updated by ``user``; unknown keys and wrong types raise. The one merge
+    of the project: configs over the defaults files, a checkpoint's ``hp_str``, the benchmarks'
+    changes."""
     out = copy.deepcopy(defaults)
     for key, value in user.items():
         name = f"{prefix}{key}"
@@ -102,7 +105,7 @@ def _merge(defaults, user, source, prefix=""):
         if isinstance(default, dict):
             if not isinstance(value, dict):
                 raise UserError(f"{source}: '{name}' must be a section of keys, got {value!r}")
-            out[key] = _merge(default, value, source, prefix=f"{name}.")
+            out[key] = merge(default, value, source, prefix=f"{name}.")
         elif isinstance(value, dict):
             raise UserError(f"{source}: '{name}' must be a single value, got a section")
         else:
@@ -110,51 +113,25 @@ def _merge(defaults, user, source, prefix=""):
     return out
 
 
-def _validate(hp, source):
-    """Derived sizes are checked, not trusted."""
-    audio = hp["audio"]
-    if audio["num_freq"] != audio["n_fft"] // 2 + 1:
-        raise UserError(
-            f"{source}: audio.num_freq ({audio['num_freq']}) must be n_fft // 2 + 1 = {audio['n_fft'] // 2 + 1}"
-        )
-    if hp["model"]["fc2_dim"] != audio["num_freq"]:
-        raise UserError(f"{source}: model.fc2_dim ({hp['model']['fc2_dim']}) must equal audio.num_freq")
-    if audio["win_length"] > audio["n_fft"]:
-        raise UserError(f"{source}: audio.win_length must not exceed audio.n_fft")
-    choices = {
-        ("train", "optimizer"): ("adam", "adabound"),
-        ("train", "loss"): ("mse", "power_law"),
-        ("train", "precision"): ("fp32", "bf16", "fp16"),
-        ("data", "mixing"): ("precomputed", "online"),
-        ("train", "lr_schedule"): ("constant", "warmup_cosine"),
-    }
-    for (section, key), allowed in choices.items():
-        if hp[section][key] not in allowed:
-            raise UserError(f"{source}: {section}.{key} must be one of {', '.join(allowed)}")
-    for key in ("batch_size", "summary_interval", "checkpoint_interval"):
-        if hp["train"][key] < 1:
-            raise UserError(f"{source}: train.{key} must be at least 1")
-    if hp["train"]["warmup_steps"] < 0 or not 0 <= hp["train"]["lr_final_ratio"] <= 1:
-        raise UserError(f"{source}: train.warmup_steps must not be negative and train.lr_final_ratio must be in [0, 1]")
-    if hp["data"]["audio_len"] <= 0:
-        raise UserError(f"{source}: data.audio_len must be positive")
-    for key in ("train_subsets", "test_subsets"):
-        value = hp["data"][key]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise UserError(f"{source}: data.{key} must be a list of subset folder names, got {value!r}")
-    for key in ("epoch_samples", "audio_cache_mb", "mixing_seed"):
-        if hp["data"][key] < 0:
-            raise UserError(f"{source}: data.{key} must not be negative")
+def dump(sections):
+    """Sections as the original's multi-document YAML, in their order: the one writer of configs
+    (``hp_str`` in checkpoints, the runs' config.yaml, the benchmarks' configs)."""
+    return "---\n".join(yaml.safe_dump({k: v}, sort_keys=False) for k, v in sections.items())
 
 
-def _default_dict():
-    return _read_documents(DEFAULT_CONFIG.read_text(), str(DEFAULT_CONFIG))
+def defaults(extra=()):
+    """config/default.yaml's sections, plus those of ``extra`` defaults files (GE2E's section)."""
+    out = {}
+    for path in (DEFAULT_CONFIG, *extra):
+        out.update(read_documents(Path(path).read_text(), str(path)))
+    return out
 
 
-def load_hparams_string(text, source="config"):
-    """Build hyper-parameters from YAML text (a file's content or a checkpoint's hp_str)."""
-    merged = _merge(_default_dict(), _read_documents(text, source), source)
-    _validate(merged, source)
+def load_hparams_string(text, source="config", extra_defaults=()):
+    """Build hyper-parameters from YAML text (a file's content or a checkpoint's hp_str), merged
+    over the defaults and checked (core.config_checks: ranges, choices, rules between keys)."""
+    merged = merge(defaults(extra_defaults), read_documents(text, source), source)
+    check_config(merged, source)
     return merged
 
 
@@ -170,42 +147,45 @@ def read_config_text(path):
 
 
 class HParam(Dotdict):
-    """Hyper-parameters of a run, read from ``path`` merged over the defaults.
+    """Hyper-parameters of a run, read from ``path`` (or ``text``, named ``source`` in messages)
+    merged over the defaults: config/default.yaml and any ``extra_defaults`` files (the GE2E
+    section's, for embedder training).
 
     ``hp_str`` holds the full, merged config as YAML: stored in checkpoints,
     it rebuilds the exact model without the original file.
     """
 
-    def __init__(self, path=None, text=None):
+    def __init__(self, path=None, text=None, source=None, extra_defaults=()):
         if text is None:
             path = Path(path if path is not None else DEFAULT_CONFIG)
             text = read_config_text(path)
-            source = str(path)
+            source = source or str(path)
         else:
-            source = "config text"
-        super().__init__(load_hparams_string(text, source))
+            source = source or "config text"
+        super().__init__(load_hparams_string(text, source, extra_defaults))
         object.__setattr__(self, "path", str(path) if path is not None else None)
 
     @classmethod
-    def from_string(cls, text):
-        return cls(text=text)
+    def from_string(cls, text, source=None, extra_defaults=()):
+        return cls(text=text, source=source, extra_defaults=extra_defaults)
 
     @property
     def hp_str(self):
         """The full config as multi-document YAML, sections in the original's order."""
-        return "---\n".join(yaml.safe_dump({k: v}, sort_keys=False) for k, v in self.to_dict().items())
+        return dump(self.to_dict())
 
 
-def config_changes(old_hp_str, hp, sections=None):
+def config_changes(old_hp_str, hp, sections=None, extra_defaults=(), ignore=()):
     """``[(key, old value, new value)]`` where the config saved as ``old_hp_str`` (a
-    checkpoint's) and ``hp`` differ, within ``sections`` when given; raises UserError when
-    ``old_hp_str`` cannot be read."""
-    old = HParam.from_string(old_hp_str)
+    checkpoint's) and ``hp`` differ, within ``sections`` when given, leaving out the keys of
+    ``ignore``; raises UserError when ``old_hp_str`` cannot be read."""
+    old = HParam.from_string(old_hp_str, extra_defaults=extra_defaults)
 
     def flat(h):
         return flatten({name: h[name].to_dict() for name in (sections or h.keys())})
     before, after = flat(old), flat(hp)
-    return [(k, before.get(k), after.get(k)) for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
+    return [(k, before.get(k), after.get(k)) for k in sorted(set(before) | set(after))
+            if before.get(k) != after.get(k) and k not in ignore]
 
 
 def load_hparam(filename):

@@ -40,7 +40,7 @@ import torch
 
 from reverse_voicefilter.core.audio import Audio, load_wav
 from reverse_voicefilter.core.errors import UserError
-from reverse_voicefilter.data.generation import FORMAT_VERSION, counted, prepare_split_dir, worker_pool
+from reverse_voicefilter.data.generation import AUDIO_KEYS, FORMAT_VERSION, counted, prepare_split_dir, worker_pool
 from reverse_voicefilter.data.mixing import Mixture
 from reverse_voicefilter.data.samples import complete_ids, read_record, sample_id, write_manifest, write_sample
 
@@ -203,8 +203,7 @@ def _settings(hp, size, reverse, float16, pattern, root, tuples):
     form.pop("input")
     return {"format": FORMAT_VERSION, "split": SPLIT, "size": size, "recipe": RECIPE, "tuples": Path(tuples).name,
             "reverse": bool(reverse), "float16": bool(float16), "input": pattern, "data": os.path.abspath(root),
-            "audio": {k: hp.audio[k] for k in ("sample_rate", "n_fft", "hop_length", "win_length",
-                                               "min_level_db", "ref_level_db")}, "form": form}
+            "audio": {k: hp.audio[k] for k in AUDIO_KEYS}, "form": form}
 
 
 def _check_done_rows(split_dir, done, by_row, suffix):

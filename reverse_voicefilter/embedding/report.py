@@ -2,12 +2,12 @@
 
 Both through reverse_voicefilter.core.atomic: a run stopped midway leaves the previous files or none.
 """
-import json
 import platform
 
 import numpy as np
 
-from reverse_voicefilter.core.atomic import atomic_path, write_text
+from reverse_voicefilter.core.atomic import atomic_path
+from reverse_voicefilter.core.jsonfile import write_json
 from reverse_voicefilter.core.plotting import save_histogram
 from reverse_voicefilter.embedding.eer import error_rates
 
@@ -22,7 +22,7 @@ def write_report(path, result, meta):
               "mean_score_same": float(np.mean(result["scores"][result["labels"] == 1])),
               "mean_score_different": float(np.mean(result["scores"][result["labels"] == 0])),
               "python": platform.python_version()}
-    return write_text(path, json.dumps(report, indent=2) + "\n")
+    return write_json(path, report, indent=2)
 
 
 def save_score_histogram(path, result):

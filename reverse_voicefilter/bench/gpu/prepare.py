@@ -19,7 +19,6 @@ and the previous payload is kept. Then, on the GPU machine: ``python3 -m reverse
     .venv/bin/python -m reverse_voicefilter.bench.gpu.prepare --wheels_from .whl --max_speakers 50
 """
 import argparse
-import json
 import os
 import re
 import shutil
@@ -28,9 +27,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from reverse_voicefilter.core.atomic import write_bytes, write_text
+from reverse_voicefilter.core.atomic import write_bytes
 from reverse_voicefilter.core.cli import UserErrorParser
 from reverse_voicefilter.core.errors import UserError, run_cli
+from reverse_voicefilter.core.jsonfile import write_json
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
@@ -213,7 +213,7 @@ def build(args, wheel_dir, pins, manifest, work):
     _copy_tree(data / TEST, mini / TEST)
     for speaker in manifest["train_speakers"]:
         _copy_tree(data / TRAIN / speaker, mini / TRAIN / speaker)
-    write_text(work / "manifest.json", json.dumps(manifest, indent=1))
+    write_json(work / "manifest.json", manifest)
 
 
 def report(manifest):

@@ -29,7 +29,6 @@ GPU machine's Python 3.12).
     .venv/bin/python -m reverse_voicefilter.bench.gpu.run /tmp/gpu-check --device cpu --quick --no_install
 """
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -40,9 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # stdlib only, these three: they run before the install
-from reverse_voicefilter.core.atomic import write_bytes, write_text
+from reverse_voicefilter.core.atomic import write_bytes
 from reverse_voicefilter.core.cli import UserErrorParser, check_writable_dir
 from reverse_voicefilter.core.errors import run_cli
+from reverse_voicefilter.core.jsonfile import write_json
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
@@ -235,7 +235,7 @@ def main(argv=None):
                                       "exit": code, "seconds": round(seconds, 1), "timed_out": timed_out,
                                       "result": stage.result,
                                       "result_written": bool(stage.result and (out / stage.result).is_file())})
-            write_text(out / "summary.json", json.dumps(summary, indent=1))
+            write_json(out / "summary.json", summary)
         failed = [s["name"] for s in summary["stages"] if s["exit"] != 0]
         _write(log, f"===== done: {len(summary['stages']) - len(failed)} of {len(summary['stages'])} stages "
                     f"succeeded{'; failed: ' + ', '.join(failed) if failed else ''}; results in {out}\n")
