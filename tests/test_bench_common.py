@@ -52,3 +52,30 @@ def test_allocator_flag_chooses_whether_freed_memory_is_kept(monkeypatch):
     assert calls == [1]                                 # the C library's defaults left alone
     common.set_allocator(p.parse_args(["--allocator", "reuse"]), "glibc")
     assert calls == [1, 1]
+
+
+def test_results_are_written_after_every_variant(tmp_path, monkeypatch):
+    """A benchmark stopped at its time limit keeps the variants that finished (the first GPU run lost
+    six finished training variants because the JSON was written only at the end)."""
+    import argparse
+    import json
+
+    out = tmp_path / "r.json"
+    seen_before = {}
+
+    def fake_run_one(module, name, argv, timeout, results):
+        seen_before[name] = json.loads(out.read_text()) if out.exists() else None
+        results[name] = {"seconds": len(results) + 1.0}
+
+    monkeypatch.setattr(common, "_run_one", fake_run_one)
+    args = argparse.Namespace(variant=None, device="cpu", variants=None, json=str(out), timeout=10.0, threads=0)
+
+    def summarize(results, shared, extra, device):
+        return "table", [], {"results": dict(results)}
+
+    common.run_benchmark("unused.module", args, None, ["a", "b", "c"], "Test", summarize)
+    assert seen_before["a"] is None
+    assert seen_before["b"]["finished"] is False and list(seen_before["b"]["results"]) == ["a"]
+    assert list(seen_before["c"]["results"]) == ["a", "b"]
+    final = json.loads(out.read_text())
+    assert "finished" not in final and list(final["results"]) == ["a", "b", "c"]

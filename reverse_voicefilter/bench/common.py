@@ -11,8 +11,6 @@ baseline (fp32, or -p 1), measured minutes apart on the same machine, are what t
 import argparse
 import json
 import os
-import platform
-import re
 import resource
 import signal
 import statistics
@@ -25,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
+
+from reverse_voicefilter.bench import machine
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: its root scripts are what the benchmarks run
 PACKAGE = ROOT / "reverse_voicefilter"
@@ -83,59 +83,6 @@ def pick(device_name):
         return pick_device(device_name)
     except UserError as err:
         sys.exit(f"error: {err}")
-
-
-# ---- machine -----------------------------------------------------------------------------------
-def cpu_model():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def cpu_flags():
-    """The bf16-related instruction sets the CPU advertises (x86 Linux only)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = set(re.search(r"^flags\s*:(.*)$", text, re.M).group(1).split()) if "flags" in text else set()
-    return sorted(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags)
-
-
-def describe_machine(device):
-    """A dict of what the figures depend on (printed above each table, stored in the JSON)."""
-    import torch
-
-    from reverse_voicefilter.core.precision import cpu_bf16_support
-
-    info = {
-        "cpu": cpu_model(),
-        "cpu_flags": cpu_flags(),
-        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_bf16": cpu_bf16_support(),  # native, converted or none (reverse_voicefilter.core.precision)
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
-
-
-def machine_line(info):
-    parts = [f"CPU {info['cpu']} ({info['cores']} cores, torch threads {info['torch_threads']})",
-             f"CPU bf16: {info['cpu_bf16']}", f"torch {info['torch']}", f"device {info['device']}"]
-    if info.get("gpu"):
-        parts.append(f"GPU {info['gpu']}")
-    if info.get("load_average"):
-        parts.append("load average " + " ".join(str(x) for x in info["load_average"]))
-    return "; ".join(parts)
 
 
 # ---- memory ------------------------------------------------------------------------------------
@@ -230,22 +177,21 @@ def time_call(fn, device, warmup=1, repeats=3, on_repeat=None):
     """Seconds of each of ``repeats`` calls of ``fn()`` after ``warmup`` untimed ones (the first
     calls pay for kernel selection and allocation).
 
-    Each call is timed by ``torch.utils.benchmark.Timer`` (it synchronizes CUDA around the
-    statement), with this process's thread count (the Timer's default is one thread). The calls
-    are timed one at a time rather than with ``blocked_autorange`` because a default-size training
-    step takes tens of seconds on a CPU: ``on_repeat(times so far)`` is called after each one, so
-    a variant stopped by its timeout still reports the steps it finished.
+    Each call is timed alone, the device synchronized around it, with this process's thread count.
+    Not ``torch.utils.benchmark.Timer``: its ``timeit(1)`` makes two more untimed calls first, which
+    tripled a benchmark of default-size training steps of tens of seconds each on a CPU. The calls are
+    timed one at a time: ``on_repeat(times so far)`` is called after each one, so a variant stopped by
+    its timeout still reports the steps it finished.
     """
-    import torch
-    from torch.utils.benchmark import Timer
-
     for _ in range(warmup):
         fn()
-    synchronize(device)
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     times = []
     for _ in range(repeats):
-        times.append(timer.timeit(1).mean)
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
         if on_repeat is not None:
             on_repeat(times)
     return times
@@ -282,41 +228,49 @@ def _last(out, tag):
     return json.loads(lines[-1][len(tag):]) if lines else None
 
 
-def run_variants(module, names, argv, timeout):
+def run_variants(module, names, argv, timeout, on_result=None):
     """Parent side: run ``python -m module argv --variant NAME`` for each name, one at a time, in a fresh
-    process each; returns ``{name: result dict}``. A variant that fails or passes ``timeout``
-    seconds gives ``{"error": why}`` (with its last partial figures, if any) and the others
-    still run. The child leads its own process group, so a timeout (or Ctrl-C here) also ends
-    the tools it started; the scratch files they leave are under the parent's work folder."""
+    process each; returns ``{name: result dict}``, and calls ``on_result(results so far)`` after each
+    variant. A variant that fails or passes ``timeout`` seconds gives ``{"error": why}`` (with its
+    last partial figures, if any) and the others still run. The child leads its own process group,
+    so a timeout (or Ctrl-C here) also ends the tools it started; the scratch files they leave are
+    under the parent's work folder."""
     results = {}
     for name in names:
-        cmd = [sys.executable, "-m", module, *argv, "--variant", name]
-        print(f"  running {name} ...", file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()  # what it printed before (its partial results)
-            partial = _last(out, PARTIAL_TAG)
-            results[name] = {**(partial or {}), "error": f"timeout after {timeout:g} s", "partial": bool(partial)}
-            print(f"  {name}: timeout after {timeout:g} s", file=sys.stderr, flush=True)
-            continue
-        except BaseException:  # Ctrl-C: the child is in another session and would not get it
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
-        result = _last(out, RESULT_TAG)
-        if proc.returncode != 0 or result is None:
-            tail = "\n".join(err.strip().splitlines()[-15:])
-            print(f"  {name} failed (exit {proc.returncode}):\n{tail}", file=sys.stderr, flush=True)
-            last = err.strip().splitlines()[-1] if err.strip() else ""
-            results[name] = {"error": f"failed (exit {proc.returncode}): {last[:120]}"}
-            continue
-        results[name] = result
-        print(f"  {name}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+        _run_one(module, name, argv, timeout, results)
+        if on_result is not None:
+            on_result(results)
     return results
+
+
+def _run_one(module, name, argv, timeout, results):
+    """One variant in its own process; its result (or why it has none) goes into ``results``."""
+    cmd = [sys.executable, "-m", module, *argv, "--variant", name]
+    print(f"  running {name} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()  # what it printed before (its partial results)
+        partial = _last(out, PARTIAL_TAG)
+        results[name] = {**(partial or {}), "error": f"timeout after {timeout:g} s", "partial": bool(partial)}
+        print(f"  {name}: timeout after {timeout:g} s", file=sys.stderr, flush=True)
+        return
+    except BaseException:  # Ctrl-C: the child is in another session and would not get it
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    result = _last(out, RESULT_TAG)
+    if proc.returncode != 0 or result is None:
+        tail = "\n".join(err.strip().splitlines()[-15:])
+        print(f"  {name} failed (exit {proc.returncode}):\n{tail}", file=sys.stderr, flush=True)
+        last = err.strip().splitlines()[-1] if err.strip() else ""
+        results[name] = {"error": f"failed (exit {proc.returncode}): {last[:120]}"}
+        return
+    results[name] = result
+    print(f"  {name}: done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
 
 
 def start(args, run_variant, variants):
@@ -326,21 +280,44 @@ def start(args, run_variant, variants):
         emit(run_variant(args, args.variant))
         return None
     device = pick(args.device)
-    return device, select(args.variants, list(variants)), describe_machine(device)
+    return device, select(args.variants, list(variants)), machine.describe_machine(device)
 
 
-def run_in_workdir(module, names, timeout, prefix, shared_file, prepare):
-    """Parent side, for benchmarks whose variants share prepared files (a corpus, audio): a scratch
-    folder, ``prepare(workdir)`` -> a dict of what the variants need, written there as
-    ``shared_file`` for the children (they get ``--workdir``), then the variants; the folder is
-    removed afterwards. Returns ``(the prepared dict, {name: result})``."""
-    with tempfile.TemporaryDirectory(prefix=prefix) as workdir:
-        from reverse_voicefilter.core.atomic import write_text  # the children never read a half-written file
+def run_benchmark(module, args, run_variant, variants, title, summarize, prepare=None, before=None,
+                  workdir_prefix="bench_", shared_file="shared.json"):
+    """The one ``main`` of the variant runners. In a child (``--variant``): run that variant and print its
+    result. In the parent: ``before(device)`` (figures of the machine taken once, e.g. the peaks), then,
+    where the variants share prepared files (a corpus, audio), ``prepare(workdir)`` -> a dict written to
+    ``shared_file`` in a scratch folder the children get as ``--workdir``; then each variant in its own
+    process. ``summarize(results, shared, before's figures, device)`` -> ``(table, notes, payload)``:
+    after every variant the JSON (``--json``) is written with what finished, so a run stopped at its
+    time limit keeps it; the table is printed at the end."""
+    started = start(args, run_variant, variants)
+    if started is None:
+        return None
+    device, names, info = started
+    extra = before(device) if before else None
 
-        shared = prepare(workdir)
-        write_text(Path(workdir, shared_file), json.dumps(shared))
-        results = run_variants(module, names, [*child_argv(), "--workdir", workdir], timeout)
-    return shared, results
+    def publish(results, shared, final):
+        table, notes, payload = summarize(results, shared, extra, device)
+        if final:
+            report(title, info, table, notes, args.json, payload)
+        elif args.json:
+            from reverse_voicefilter.core.jsonfile import write_json
+
+            write_json(args.json, {"title": title, "machine": info, "finished": False, **(payload or {})})
+
+    with tempfile.TemporaryDirectory(prefix=workdir_prefix) as workdir:
+        argv, shared = child_argv(), {}
+        if prepare is not None:
+            from reverse_voicefilter.core.jsonfile import write_json  # the children never read a half-written file
+
+            shared = prepare(workdir)
+            write_json(Path(workdir, shared_file), shared)
+            argv += ["--workdir", workdir]
+        results = run_variants(module, names, argv, args.timeout, lambda so_far: publish(so_far, shared, False))
+    publish(results, shared, True)
+    return results
 
 
 def child_argv():
@@ -396,21 +373,11 @@ def select(wanted, available):
     return list(wanted or available)
 
 
-def busy_note(info):
-    """A warning when the machine was already loaded at the start (load average >= 0.5)."""
-    load = (info.get("load_average") or [0])[0]
-    if load < 0.5:
-        return None
-    return (f"Note: the 1-minute load average was {load:.2f} before the benchmark started: other jobs share the "
-            f"{info['cores']} cores, so CPU times are inflated (with all cores as torch threads, OpenMP threads "
-            f"that wait for a busy core can make a step several times slower: --threads 1 gives steadier figures).")
-
-
 def report(title, info, table, notes=(), json_path=None, payload=None):
     """Print the title, the machine, the table and notes; optionally write everything as JSON."""
     print(f"\n### {title}\n")
-    print(machine_line(info) + "\n")
-    notes = [n for n in [*notes, busy_note(info)] if n]
+    print(machine.machine_line(info) + "\n")
+    notes = [n for n in [*notes, machine.busy_note(info)] if n]
     print(table)
     for note in notes:
         print(f"\n{note}")

@@ -98,17 +98,20 @@ def run_variant(args, name):
 
 def main():
     args = parse_args()
-    started = common.start(args, run_variant, VARIANTS)
-    if started is None:
-        return
-    device, names, info = started
+
     def prepare(workdir):
         corpus = prepare_corpus(args, workdir)
         print(f"generator benchmark: {args.config}, {args.train_size} + {args.test_size} samples from "
               f"{corpus['kind']}, timeout {args.timeout:g} s per variant", file=sys.stderr)
         return corpus
 
-    corpus, results = common.run_in_workdir(__spec__.name, names, args.timeout, "bench_corpus_", "corpus.json", prepare)
+    common.run_benchmark(__spec__.name, args, run_variant, VARIANTS, "Generator throughput",
+                         lambda results, corpus, _, __: summarize(args, results, corpus), prepare=prepare,
+                         workdir_prefix="bench_corpus_", shared_file="corpus.json")
+
+
+def summarize(args, results, corpus):
+    """The table, notes and JSON payload of the results so far."""
     columns = [("wall s", "seconds"), ("samples/s (whole command)", "samples_per_s"),
                ("train samples/s (logged)", "train_rate"), ("peak PSS MB (all processes)", "tree_pss_mb"),
                ("largest one-process RSS MB", "max_process_rss_mb"), ("disk MB", "disk_mb"),
@@ -121,8 +124,7 @@ def main():
     if corpus["kind"] != "librispeech-mini":
         notes.append(f"WARNING: {args.data} was not found: these figures are on synthetic speech.")
     table = common.markdown_table(results, columns, ratios, baseline="p1")
-    common.report("Generator throughput", info, table, notes, args.json,
-                  {"args": vars(args), "corpus": corpus, "results": results})
+    return table, notes, {"args": vars(args), "corpus": corpus, "results": results}
 
 
 if __name__ == "__main__":

@@ -263,13 +263,11 @@ def main():
     available = list(VARIANTS)
     if not args.variant and not roofline.native_bf16(common.pick(args.device)):  # bf16 would run as fp32
         available = [n for n in available if VARIANTS[n][1] == "fp32"]
-    started = common.start(args, run_variant, available)
-    if started is None:
-        return
-    device, names, info = started
-    startup = startup_cost(args)
-    peaks = common.run_variants(__spec__.name, [roofline.PEAKS], common.child_argv(), args.timeout)[roofline.PEAKS]
-    peaks = None if "error" in peaks else peaks
+
+    def before(device):
+        startup = startup_cost(args)
+        peaks = common.run_variants(__spec__.name, [roofline.PEAKS], common.child_argv(), args.timeout)[roofline.PEAKS]
+        return startup, None if "error" in peaks else peaks
 
     def prepare_files(workdir):
         files = prepare(args, workdir)
@@ -277,8 +275,14 @@ def main():
               f"({files['source']}), timeout {args.timeout:g} s per variant", file=sys.stderr)
         return files
 
-    files, results = common.run_in_workdir(__spec__.name, names, args.timeout, "bench_inference_", "files.json",
-                                           prepare_files)
+    common.run_benchmark(__spec__.name, args, run_variant, available, "Inference speed",
+                         lambda results, files, extra, device: summarize(args, results, files, *extra, device),
+                         prepare=prepare_files, before=before, workdir_prefix="bench_inference_",
+                         shared_file="files.json")
+
+
+def summarize(args, results, files, startup, peaks, device):
+    """The tables, notes and JSON payload of the results so far."""
     imports = ", ".join(f"{name} {s:.2f} s" for s, name in startup["top_imports"])
     notes = [f"Start-up: `python -c pass` {startup['python_s']:.2f} s, `python inference.py --help` "
              f"{startup['inference_help_s']:.2f} s (interpreter + imports; median of 3). Slowest packages imported "
@@ -290,8 +294,8 @@ def main():
              f"of the whole command. 'of conv peak': the network's rate over the best rate of one 5x5 "
              f"convolution of its shape (batch 1, the shortest mixture) in the same precision, this run.",
              roofline.peaks_line(peaks)]
-    common.report("Inference speed", info, tables(results, args.durations, device.type == "cuda", peaks),
-                  notes, args.json, {"args": vars(args), "startup": startup, "results": results, "peaks": peaks})
+    return (tables(results, args.durations, device.type == "cuda", peaks), notes,
+            {"args": vars(args), "startup": startup, "results": results, "peaks": peaks})
 
 
 if __name__ == "__main__":

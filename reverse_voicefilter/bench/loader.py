@@ -154,10 +154,7 @@ def run_variant(args, name):
 
 def main():
     args = parse_args()
-    started = common.start(args, run_variant, VARIANTS)
-    if started is None:
-        return
-    device, names, info = started
+
     def prepare(workdir):
         corpus = prepare_corpus(args, workdir)
         print(f"loader benchmark: {args.config}, {args.samples} samples per epoch from {corpus['kind']}; writing "
@@ -167,7 +164,13 @@ def main():
                          "--progress", "False"])
         return corpus
 
-    corpus, results = common.run_in_workdir(__spec__.name, names, args.timeout, "bench_loader_", "corpus.json", prepare)
+    common.run_benchmark(__spec__.name, args, run_variant, VARIANTS, "Training data loader",
+                         lambda results, corpus, _, __: summarize(args, results, corpus), prepare=prepare,
+                         workdir_prefix="bench_loader_", shared_file="corpus.json")
+
+
+def summarize(args, results, corpus):
+    """The table, notes and JSON payload of the results so far."""
     columns = [("samples/s, cold epoch", "cold_samples_per_s"), ("samples/s, warm epoch", "warm_samples_per_s"),
                ("first batch s (cold)", "cold_first_batch_s"), ("train s/step", "s_per_step"),
                ("of which waiting for data", "wait_s_per_step"), ("disk kB/sample", "disk_kb_per_sample"),
@@ -181,8 +184,7 @@ def main():
              f"folder's d-vectors were cached before timing. Ratios: > 1 is faster than reading precomputed files. "
              f"{os.cpu_count()} CPU cores: loader workers share them with the training step."]
     table = common.markdown_table(results, columns, ratios, baseline="precomputed")
-    common.report("Training data loader", info, table, notes, args.json,
-                  {"args": vars(args), "corpus": corpus, "results": results})
+    return table, notes, {"args": vars(args), "corpus": corpus, "results": results}
 
 
 if __name__ == "__main__":

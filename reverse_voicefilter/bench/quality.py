@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from reverse_voicefilter.bench import common, quality_data, quality_report
+from reverse_voicefilter.bench import common, machine, quality_data, quality_report
 from reverse_voicefilter.core.atomic import write_text
 from reverse_voicefilter.core.hparams import HParam, dump, merge
 from reverse_voicefilter.core.jsonfile import json_text, write_json
@@ -212,8 +212,8 @@ def main(argv=None):
     device = str(torch_device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    info = common.describe_machine(torch_device)
-    print(common.machine_line(info), flush=True)
+    info = machine.describe_machine(torch_device)
+    print(machine.machine_line(info), flush=True)
     data = quality_data.prepare(args.data, out / "data", ROOT / SIZES[args.size], args.size, args.test_seed,
                                 jobs=args.jobs)
     print(quality_data.describe(data), flush=True)

@@ -155,15 +155,19 @@ def main():
     available = [n for n in VARIANTS if args.variant or device.type == "cuda" or n not in CUDA_ONLY]
     if not args.variant and not roofline.native_bf16(device):  # bf16 would run as fp32 or emulated
         available = [n for n in available if VARIANTS[n][0] == "fp32"]
-    started = common.start(args, run_variant, available)
-    if started is None:
-        return
-    device, names, info = started
-    print(f"training benchmark: {args.config}, batch {args.batch_size}, {args.warmup} warm-up + {args.steps} timed "
-          f"steps per variant, timeout {args.timeout:g} s", file=sys.stderr)
-    peaks = common.run_variants(__spec__.name, [roofline.PEAKS], common.child_argv(), args.timeout)[roofline.PEAKS]
-    peaks = None if "error" in peaks else peaks
-    results = common.run_variants(__spec__.name, names, common.child_argv(), args.timeout)
+
+    def before(device):
+        print(f"training benchmark: {args.config}, batch {args.batch_size}, {args.warmup} warm-up + {args.steps} "
+              f"timed steps per variant, timeout {args.timeout:g} s", file=sys.stderr)
+        peaks = common.run_variants(__spec__.name, [roofline.PEAKS], common.child_argv(), args.timeout)[roofline.PEAKS]
+        return None if "error" in peaks else peaks
+
+    common.run_benchmark(__spec__.name, args, run_variant, available, "Training throughput",
+                         lambda results, _, peaks, device: summarize(args, results, peaks, device), before=before)
+
+
+def summarize(args, results, peaks, device):
+    """The table, notes and JSON payload of the results so far."""
     from reverse_voicefilter.core.hparams import HParam
 
     hp = HParam(args.config)
@@ -193,8 +197,7 @@ def main():
              f"that stays put where the machine's speed drifts.",
              roofline.peaks_line(peaks)]
     table = common.markdown_table(results, columns, ratios, baseline="fp32")
-    common.report("Training throughput", info, table, notes, args.json,
-                  {"args": vars(args), "results": results, "peaks": peaks})
+    return table, notes, {"args": vars(args), "results": results, "peaks": peaks}
 
 
 if __name__ == "__main__":
