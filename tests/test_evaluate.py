@@ -138,7 +138,7 @@ def test_outputs_and_layout(evaluated):
     assert len(rows) == 3 * len(MASK_MODES)
     assert [(r["sample_id"], r["mode"]) for r in rows[:3]] == [("000000", m) for m in MASK_MODES]
     assert (out / "sdr_before_after.png").stat().st_size > 1000
-    assert report["counts"] == {"samples_found": 3, "samples": 3, "modes": 3, "rows": 9}
+    assert report["counts"] == {"samples_found": 3, "samples": 3, "failed": 0, "modes": 3, "rows": 9}
     assert report["reversed_data"] is False and report["reversed_source"] == "manifest"
     assert report["modes"]["org"]["reference"] == "target"
     assert report["modes"]["inv_sub"]["reference"] == "mixed_minus_target"
@@ -365,6 +365,33 @@ def test_an_unreadable_sample_is_named_and_the_others_are_scored(setup, tmp_path
     code, _, err = run_main(evaluate.main, eval_args(setup, tmp_path / "o2") + ["-d", split, "--mask", "org"], capsys)
     assert code == 2 and "none of the 3 samples" in err
     assert not (tmp_path / "o2" / "report.json").exists()
+
+
+@pytest.mark.parametrize("missing", ["target", "mixed"])
+def test_a_sample_without_its_wav_is_named_and_counted_as_failed(setup, tmp_path, capsys, caplog, missing):
+    """A sample whose -dvec.txt is there but whose -target.wav (or -mixed.wav) is gone was left out
+    unseen: exit 0, the sample in neither failed_samples nor the counts."""
+    import shutil
+
+    from reverse_voicefilter.commands import evaluate
+
+    split = tmp_path / "one-gone"
+    shutil.copytree(setup["split"], split)
+    (split / f"000001-{missing}.wav").unlink()
+    out = tmp_path / "o"
+    with caplog.at_level("WARNING"):
+        code, _, err = run_main(evaluate.main, eval_args(setup, out) + ["-d", split, "--mask", "org"], capsys)
+    assert code == 1, err
+    named = [r.getMessage() for r in caplog.records if "000001" in r.getMessage()]
+    assert len(named) == 1 and f"000001-{missing}.wav" in named[0], named
+    assert "failed: sample 000001:" in err
+    assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["failed_samples"]) == ["000001"]
+    assert f"000001-{missing}.wav" in report["failed_samples"]["000001"]
+    assert (report["counts"]["samples_found"], report["counts"]["samples"], report["counts"]["failed"]) == (3, 2, 1)
+    with open(out / "per_sample.csv", newline="") as f:
+        assert [r["sample_id"] for r in csv.DictReader(f)] == ["000000", "000002"]
 
 
 @pytest.mark.parametrize("reverse", [True, False])

@@ -74,6 +74,18 @@ def sample_files(split_dir, form, sample_id):
     )
 
 
+def listed_samples(split_dir, hp):
+    """Every sample of a split folder that has its ``-dvec.txt``, sorted by id, whether or not its
+    other files are all there (:func:`list_samples` keeps only the complete ones): the generator
+    writes the ``-dvec.txt`` last, so a sample with it but without a wav was damaged after it was
+    written, and evaluation names such a sample as failed instead of leaving it out unseen."""
+    split_dir = Path(split_dir)
+    if not str(split_dir) or not split_dir.is_dir():
+        raise UserError(f"data folder not found: '{split_dir}' (set data.train_dir/test_dir or pass -d)")
+    return [sample_files(split_dir, hp.form, dvec_txt.name[: -len(_suffix(hp.form.dvec))])
+            for dvec_txt in sorted(split_dir.glob(hp.form.dvec))]
+
+
 def list_samples(split_dir, hp, need_mags=True):
     """All complete samples of a split folder, sorted by id.
 
@@ -82,12 +94,8 @@ def list_samples(split_dir, hp, need_mags=True):
     accepts samples without ``.pt`` spectrograms (they can be recomputed from
     the wavs). The generator's records are not needed (the original wrote none).
     """
-    split_dir = Path(split_dir)
-    if not str(split_dir) or not split_dir.is_dir():
-        raise UserError(f"data folder not found: '{split_dir}' (set data.train_dir/test_dir or pass -d)")
     samples = []
-    for dvec_txt in sorted(split_dir.glob(hp.form.dvec)):
-        sample = sample_files(split_dir, hp.form, dvec_txt.name[: -len(_suffix(hp.form.dvec))])
+    for sample in listed_samples(split_dir, hp):
         required = [sample.target_wav, sample.mixed_wav] + ([sample.target_mag, sample.mixed_mag] if need_mags
                                                             else [])
         if all(p.is_file() for p in required):

@@ -37,7 +37,7 @@ from reverse_voicefilter.core.errors import UserError
 from reverse_voicefilter.core.hparams import HParam
 from reverse_voicefilter.data.dvec_cache import load_dvecs, reference_key
 from reverse_voicefilter.data.generation import SETTINGS_FILE
-from reverse_voicefilter.data.samples import list_samples, read_manifest
+from reverse_voicefilter.data.samples import listed_samples, read_manifest
 from reverse_voicefilter.evaluation.scoring import (
     RESIDUAL,
     TARGET,
@@ -215,7 +215,8 @@ class _Scorer:
 
 
 def evaluate(separator, split_dir, modes, factor, limit=0, reversed_flag=None, jobs=1, progress=True):
-    """Score every complete sample of ``split_dir``; returns (rows, info).
+    """Score every sample of ``split_dir`` (every ``-dvec.txt``); returns (rows, info). A sample whose
+    wavs are missing or unreadable is not scored but named in ``info["failed"]``.
 
     ``rows``: one dict per sample and mode with the :data:`CSV_COLUMNS`. ``info``: counts,
     what the references are, and the :class:`Targets` (what org is scored against, and why:
@@ -224,12 +225,12 @@ def evaluate(separator, split_dir, modes, factor, limit=0, reversed_flag=None, j
     hp = separator.hp
     rate = hp.audio.sample_rate
     split_dir = Path(split_dir)
-    samples = list_samples(split_dir, hp, need_mags=False)
+    samples = listed_samples(split_dir, hp)  # a sample without its wavs is a failure to name, not to hide
     found = len(samples)
     if limit:
         samples = samples[:limit]
     if not samples:
-        raise UserError(f"no complete samples (-mixed.wav, -target.wav, -dvec.txt) in {split_dir}")
+        raise UserError(f"no samples (NNNNNN-dvec.txt with its -mixed.wav and -target.wav) in {split_dir}")
     source = separator.source
     targets = decide_targets(samples, split_dir, reversed_flag, source.hp_str if source else None)
     org_kind = targets.org_kind
@@ -237,7 +238,7 @@ def evaluate(separator, split_dir, modes, factor, limit=0, reversed_flag=None, j
     ref_dvecs = torch.stack([dvec_of[reference_key(s)] for s in samples]).float()  # [S, E] on CPU
 
     clean = {}  # index -> (mixed, target) until its outputs come back
-    failed = {}  # sample id -> why it could not be scored (unreadable, silent, lengths differ)
+    failed = {}  # sample id -> why it could not be scored (missing, unreadable, silent, lengths differ)
     items = _readable_samples(samples, rate, ref_dvecs, clean, failed)
 
     scorer = _Scorer(jobs)
@@ -274,7 +275,7 @@ def evaluate(separator, split_dir, modes, factor, limit=0, reversed_flag=None, j
 
 def _readable_samples(samples, rate, ref_dvecs, clean, failed):
     """Yield ``(index, mixed wav, reference d-vector)`` of each sample whose wavs can be read, keeping
-    ``(mixed, target)`` in ``clean``; a sample that cannot be read (corrupt, silent, lengths differ) goes
+    ``(mixed, target)`` in ``clean``; a sample that cannot be read (missing, corrupt, silent, lengths differ) goes
     to ``failed`` with the reason: one bad sample must not cost the scores of all the others."""
     for i, s in enumerate(samples):
         try:
@@ -406,7 +407,7 @@ def run_evaluation(separator, split_dir, out_dir, modes, factor, limit=0, revers
               "reversed_data": targets.folder_reversed, "reversed_source": targets.folder_source,
               "org_scored_against": targets.as_dict(),
               "counts": {"samples_found": info["samples_found"], "samples": info["samples"],
-                         "modes": len(modes), "rows": len(rows)},
+                         "failed": len(info["failed"]), "modes": len(modes), "rows": len(rows)},
               "references": info["references"], "modes": summary, "failed_samples": info["failed"],
               "seconds": round(time.time() - start, 1)}
     write_csv(out_dir / "per_sample.csv", rows)
