@@ -51,6 +51,28 @@ def test_demo_without_the_shipped_checkpoint_says_so(tmp_path, monkeypatch, caps
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("case", ["export under a file", "export is a folder", "out is a file", "out under a file"])
+def test_demo_bad_output_paths_are_one_line_before_any_step(tmp_path, monkeypatch, capsys, case):
+    """--export under a regular file was found only after the whole pipeline had run, as a traceback."""
+    from test_inference import run_main
+
+    blocker = tmp_path / "somefile.txt"
+    blocker.write_text("a file, not a folder")
+    (tmp_path / "folder").mkdir()
+    out = tmp_path / "out"
+    args, flag = {"export under a file": (["--out", out, "--export", blocker / "out.pt"], "--export"),
+                  "export is a folder": (["--out", out, "--export", tmp_path / "folder"], "--export"),
+                  "out is a file": (["--out", blocker], "--out"),
+                  "out under a file": (["--out", blocker / "sub" / "demo"], "--out")}[case]
+    monkeypatch.setattr(demo, "run", lambda step, _args: pytest.fail(f"step {step!r} ran"))
+    code, _, err = run_main(demo.main, args, capsys)
+    assert code == 2 and "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and flag in lines[0], err
+    assert not out.exists()  # refused before anything was written under --out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "somefile.txt"]
+
+
 def test_shipped_checkpoint_fits_the_demo_config():
     from reverse_voicefilter.core.checkpoint import load_checkpoint, load_model_weights
     from reverse_voicefilter.core.hparams import HParam

@@ -10,6 +10,7 @@ checkpoint of ``python demo.py --from_scratch --steps 6000 --export FILE`` (this
 corpus, mixtures and config), shipped with the repository. ``--from_scratch`` trains
 from random weights instead.
 """
+import contextlib
 import shlex
 import subprocess
 import sys
@@ -17,6 +18,8 @@ import time
 from pathlib import Path
 
 from reverse_voicefilter.core.cli import UserErrorParser, add_bool_flag
+from reverse_voicefilter.core.errors import UserError, run_cli
+from reverse_voicefilter.separation.options import output_folder
 
 PACKAGE = Path(__file__).resolve().parent.parent
 CONFIG = PACKAGE / "config" / "tiny.yaml"
@@ -61,11 +64,27 @@ def main(argv=None):
     if args.steps < 1 or args.train_size < 1 or args.test_size < 1:
         parser.error("--steps, --train_size and --test_size must be positive")
     if not args.from_scratch and not PRETRAINED.is_file():
-        print(f"demo: the shipped checkpoint {PRETRAINED} is missing (restore it with git, or pass "
+        print(f"error: the shipped checkpoint {PRETRAINED} is missing (restore it with git, or pass "
               f"--from_scratch)", file=sys.stderr)
         return 1
-
     out = Path(args.out).resolve()
+    export = Path(args.export).resolve() if args.export else None
+    if export is not None and export.is_dir():
+        raise UserError(f"--export {args.export} is a folder: give the name of the checkpoint file to write")
+    for flag, folder in (("--out", out), ("--export", export.parent if export else None)):
+        if folder is not None and folder.exists() and not folder.is_dir():  # else mkdir's bare "File exists"
+            raise UserError(f"{flag}: {folder} is a file, not a folder")
+    # Every output folder is proved writable before the first step: a bad --export found only after
+    # the training, as before, cost the whole run. A folder made here and left empty is removed again.
+    with contextlib.ExitStack() as outputs:
+        outputs.enter_context(output_folder(out, "--out"))
+        if export is not None:
+            outputs.enter_context(output_folder(export.parent, "--export"))
+        return run_pipeline(args, out, export)
+
+
+def run_pipeline(args, out, export):
+    """Every step, into ``out`` (checked writable); the final checkpoint also to ``export`` if given."""
     corpus, data = out / "librispeech", out / "data"
     name = "demo-scratch" if args.from_scratch else "demo"
     last_step = args.steps if args.from_scratch else PRETRAINED_STEPS + args.steps
@@ -82,10 +101,10 @@ def main(argv=None):
         run("train", [*script("trainer"), "-c", CONFIG, "-e", "resemblyzer", "-m", name, "-b", out,
                       "--train_dir", data / "train", "--test_dir", data / "test",
                       "--max_steps", last_step, "--device", "cpu", *resume])
-    if args.export:
+    if export is not None:
         from reverse_voicefilter.core.checkpoint import compact_checkpoint  # here: torch loads only when needed
-        compact_checkpoint(chkpt, args.export)
-        print(f"\nwrote {args.export} (the checkpoint at step {last_step}, 16-bit)")
+        compact_checkpoint(chkpt, export)
+        print(f"\nwrote {export} (the checkpoint at step {last_step}, 16-bit)")
     sample = "000000"
     mixed, target = data / "test" / f"{sample}-mixed.wav", data / "test" / f"{sample}-target.wav"
     reference = (data / "test" / f"{sample}-dvec.txt").read_text().strip()
@@ -107,7 +126,7 @@ def main(argv=None):
 
 def console():
     """The command line's entry point (the root script and the installed command)."""
-    sys.exit(main())
+    run_cli(main)
 
 
 if __name__ == "__main__":
