@@ -257,6 +257,7 @@ def test_unsafe_members_are_refused(tmp_path, server, name):
         fetch(out, server, md5_table={SUBSET: hashlib.md5(bad).hexdigest()})
     assert not (out / "LibriSpeech").exists()
     assert not (tmp_path / "evil.txt").exists()
+    assert sorted(p.name for p in out.iterdir()) == []  # the archive too: a rerun would trust it
 
 
 def test_symlink_member_is_refused(tmp_path):
@@ -276,6 +277,36 @@ def test_archive_of_another_subset_is_refused(tmp_path, server):
     with pytest.raises(DownloadError, match=f"does not contain LibriSpeech/{SUBSET}"):
         fetch(tmp_path, server, md5_table={SUBSET: hashlib.md5(other).hexdigest()})
     assert not (tmp_path / "LibriSpeech" / SUBSET).exists()
+    assert not (tmp_path / f"{SUBSET}.tar.gz").exists()  # a rerun would trust it
+
+
+@pytest.mark.parametrize("content", [b"<html>503 Service Unavailable</html>\n", ARCHIVE[:len(ARCHIVE) // 2]],
+                         ids=["not a tarball", "truncated tarball"])
+def test_archive_that_passes_md5_but_is_no_tarball_is_one_line_and_deleted(tmp_path, server, content):
+    """It was a tarfile.ReadError (or EOFError) traceback, and the archive stayed where the next run
+    would check its MD5 again, trust it and fail the same way."""
+    server.files[f"/{SUBSET}.tar.gz"] = content
+    out = tmp_path / "out"
+    result = run_cli("-o", str(out), "--subsets", SUBSET, "--base-url", server.url, "-q",
+                     "--md5", f"{SUBSET}={hashlib.md5(content).hexdigest()}")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith(f"error: cannot unpack {out / f'{SUBSET}.tar.gz'}")
+    assert "deleted" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == []  # no archive, no .part, no extraction folder
+    server.files[f"/{SUBSET}.tar.gz"] = ARCHIVE  # the rerun downloads again
+    fetch(out, server)
+    assert len(server.requests) == 2
+    assert_extracted(out)
+
+
+@pytest.mark.parametrize("url", ["notaurl", "http://", "ftp:/host/x", "http://host:port/x", "http://[::1"])
+def test_bad_base_url_is_one_line_before_any_download(tmp_path, url):
+    result = run_cli("-o", str(tmp_path / "out"), "--subsets", SUBSET, "--base-url", url, "-q")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"error: --base-url {url!r} is not a URL")
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def run_cli(*args):

@@ -15,7 +15,9 @@ against the MD5 that OpenSLR publishes, and unpacked.  The archives hold
 
 A subset whose folder already exists is skipped; unpacking goes to a temporary
 folder first, so an interrupted extraction never looks finished.  The archive
-is deleted after a successful extraction unless ``--keep-archive``.
+is deleted after a successful extraction unless ``--keep-archive``, and after a
+failed one (no .tar.gz, damaged, unsafe or another subset's, though its MD5 was
+right), as a rerun would only trust it again.
 
 Why not pooch for the transfer: ``pooch.retrieve`` (1.9) streams into a
 temporary file that it deletes when the connection drops, and its retries start
@@ -37,7 +39,9 @@ import tarfile
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+import zlib
 from pathlib import Path
 
 from reverse_voicefilter.core.cli import UserErrorParser, check_writable_dir
@@ -66,12 +70,22 @@ RETRIES = 4  # tries per run; a dropped connection is resumed from where it stop
 BACKOFF_S = 5.0  # wait after the first failed try, doubled after each further one
 BACKOFF_MAX_S = 60.0
 TRANSIENT_HTTP = {429, 500, 502, 503, 504}  # a busy or restarting server: worth another try
+URL_SCHEMES = ("http", "https", "ftp", "file")  # what urllib opens; file:// serves a local mirror
 
 
 class DownloadError(UserError):
     """A download, checksum or extraction problem, told to the user as one sentence (exit 1)."""
 
     exit_code = 1
+
+
+class BadArchive(DownloadError):
+    """The archive cannot give the subset (no .tar.gz, damaged, unsafe, another subset's) though it
+    passed its MD5 check: a rerun would trust it and fail the same way, so it must not stay."""
+
+
+# What tarfile and gzip raise for a file that is not a (complete) .tar.gz, at open or midway.
+_NOT_A_TARBALL = (tarfile.ReadError, tarfile.CompressionError, EOFError, zlib.error)
 
 
 # ----------------------------------------------------------------------------- download
@@ -242,15 +256,23 @@ def _librispeech_member(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
 
 
 def safe_extract(archive: str | os.PathLike, dest: str | os.PathLike) -> None:
-    """Extract a .tar.gz into `dest` in one pass, raising DownloadError at the first unsafe member
-    (what was extracted before it stays in `dest`: callers extract into a temporary folder)."""
+    """Extract a .tar.gz into `dest` in one pass, raising BadArchive for a file that is no .tar.gz
+    or a damaged one, and at the first unsafe member (what was extracted before stays in `dest`:
+    callers extract into a temporary folder)."""
     if not hasattr(tarfile, "data_filter"):
         raise DownloadError("safe extraction needs Python 3.11.4 or newer (tarfile extraction filters)")
-    with tarfile.open(archive, "r:*") as tar:
+    try:
+        tar = tarfile.open(archive, "r:*")
+    except _NOT_A_TARBALL as err:  # its message lists every compression tried, one per line
+        raise BadArchive(f"cannot unpack {archive}: it is not a .tar.gz archive") from err
+    with tar:
         try:
             tar.extractall(dest, filter=_librispeech_member)
         except tarfile.FilterError as err:
-            raise DownloadError(f"refusing to extract {archive}: {err}") from err
+            raise BadArchive(f"refusing to extract {archive}: {err}") from err
+        except _NOT_A_TARBALL as err:
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise BadArchive(f"cannot unpack {archive}: it is damaged ({reason})") from err
 
 
 def subset_dir(out_dir: str | os.PathLike, subset: str) -> Path:
@@ -268,7 +290,7 @@ def extract_subset(archive: Path, out_dir: Path, subset: str) -> Path:
         safe_extract(archive, tmp)
         unpacked = Path(tmp) / ARCHIVE_ROOT
         if not (unpacked / subset).is_dir():
-            raise DownloadError(f"{archive} does not contain {ARCHIVE_ROOT}/{subset}/; is it the right file?")
+            raise BadArchive(f"{archive} does not contain {ARCHIVE_ROOT}/{subset}/: is it the right file?")
         target_root = Path(out_dir) / ARCHIVE_ROOT
         target_root.mkdir(exist_ok=True)
         for entry in sorted(unpacked.iterdir()):
@@ -279,6 +301,19 @@ def extract_subset(archive: Path, out_dir: Path, subset: str) -> Path:
 
 
 # ----------------------------------------------------------------------------- whole subsets
+
+
+def check_base_url(base_url: str) -> None:
+    """Raise UserError unless `base_url` is a URL urllib can open: found before any download, not
+    as urllib's ValueError traceback at the first request."""
+    try:
+        parts = urllib.parse.urlsplit(base_url)
+        _host, _port = parts.hostname, parts.port  # a non-numeric port raises ValueError only when read
+    except ValueError as err:
+        raise UserError(f"--base-url {base_url!r} is not a URL: {err}") from None
+    if parts.scheme not in URL_SCHEMES or (parts.scheme != "file" and not parts.hostname):
+        raise UserError(f"--base-url {base_url!r} is not a URL: expected http(s)://HOST/PATH, ftp://HOST/PATH "
+                        f"or file:///FOLDER (the default is {DEFAULT_BASE_URL})")
 
 
 def check_subsets(subsets: list[str], md5_table: dict[str, str]) -> None:
@@ -311,11 +346,17 @@ def fetch_subset(subset: str, out_dir: str | os.PathLike, base_url: str = DEFAUL
         logger.info("found %s; checking it instead of downloading", archive)
         verify_md5(archive, expected)
     else:
+        check_base_url(base_url)
         url = f"{base_url.rstrip('/')}/{subset}.tar.gz"
         logger.info("downloading %s", url)
         download(url, archive, expected_md5=expected, progress=progress)
     logger.info("extracting %s into %s", archive, out_dir / ARCHIVE_ROOT)
-    extract_subset(archive, out_dir, subset)
+    try:
+        extract_subset(archive, out_dir, subset)
+    except BadArchive as err:
+        archive.unlink(missing_ok=True)
+        raise BadArchive(f"{err}; it was deleted, rerun to download it again (is the --md5 checksum "
+                         f"the right one?)") from err
     if not keep_archive:
         archive.unlink()
     return target
@@ -327,6 +368,7 @@ def fetch_subsets(subsets: list[str], out_dir: str | os.PathLike, base_url: str 
     """`fetch_subset` for each name, after checking all names and the folder first."""
     md5_table = LIBRISPEECH_MD5 if md5_table is None else md5_table
     check_subsets(subsets, md5_table)
+    check_base_url(base_url)
     check_writable_dir(out_dir, "-o")
     return [fetch_subset(s, out_dir, base_url, md5_table, keep_archive, progress) for s in subsets]
 
