@@ -159,6 +159,40 @@ def test_python_normalizes_skips_and_reports(tree):
     assert leftovers(tree) == []
 
 
+def test_incomplete_outputs_are_done_again(tree):
+    """An existing -norm.wav was taken as done whatever it held: a 0-byte or cut-short file stayed."""
+    assert normalize.normalize_tree(tree, jobs=2, progress=False).failed == {}
+    complete = {name: (tree / f"{name}-norm.wav").read_bytes() for name in NAMES}
+    empty, cut, kept = (tree / f"{name}-norm.wav" for name in NAMES)
+    empty.write_bytes(b"")
+    cut.write_bytes(complete[NAMES[1]][:len(complete[NAMES[1]]) // 2])  # soundfile alone still opens it
+    before = kept.stat().st_mtime_ns
+    summary = normalize.normalize_tree(tree, jobs=2, progress=False)
+    assert summary.normalized == [tree / f"{NAMES[0]}.flac", tree / f"{NAMES[1]}.flac"]
+    assert summary.skipped == [tree / f"{NAMES[2]}.flac"] and summary.failed == {}
+    assert kept.stat().st_mtime_ns == before
+    assert_all_normalized(tree)
+    assert {name: (tree / f"{name}-norm.wav").read_bytes() for name in NAMES} == complete
+
+
+def complete_wav(path, frames=1600):
+    sf.write(path, 0.1 * np.sin(np.arange(frames) / 5), 16000, subtype="PCM_16")
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("case", ["empty", "junk", "header only", "cut short", "one byte short", "no frames",
+                                  "huge declared size"])
+def test_incomplete_reason_reads_the_header(tmp_path, case):
+    wav = tmp_path / "a-norm.wav"
+    data = complete_wav(wav)
+    assert normalize.incomplete_reason(wav) is None
+    broken = {"empty": b"", "junk": b"not a wav file" * 10, "header only": data[:44], "cut short": data[:1000],
+              "one byte short": data[:-1], "no frames": data[:40] + (0).to_bytes(4, "little"),
+              "huge declared size": data[:40] + (2 ** 32 - 1).to_bytes(4, "little") + data[44:]}[case]
+    wav.write_bytes(broken)
+    assert normalize.incomplete_reason(wav), case
+
+
 def run_python_cli(*args):
     env = {**os.environ, "PATH": "/usr/bin:/bin"}
     env.pop("FFMPEG_PATH", None)

@@ -9,8 +9,10 @@ Each ``NAME.flac`` gets ``NAME-norm.wav`` next to it, made by
 ``ffmpeg-normalize NAME.flac -ar 16000 -ac 1`` (EBU R128 loudness
 normalization at its defaults, as the original).  The output is written under
 a reverse_voicefilter.core.atomic temporary name and renamed when complete; files whose output
-exists are skipped; failures are listed at the end and make the exit status 1,
-as does a folder without any .flac file.
+exists and is a complete WAV (judged from its header) are skipped, an incomplete
+one (empty, cut short, unreadable: left by another tool or an older version) is
+done again; failures are listed at the end and make the exit status 1, as does a
+folder without any .flac file.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import soundfile as sf
+
 from reverse_voicefilter.core.atomic import atomic_path, remove_stale_temporaries
 from reverse_voicefilter.core.cli import UserErrorParser
 from reverse_voicefilter.core.errors import UserError, run_cli
@@ -37,6 +41,7 @@ SUFFIX = "-norm.wav"
 LEGACY_PARTIAL_SUFFIX = "-norm.partial.wav"  # what earlier versions left behind when killed
 SAMPLE_RATE = 16000
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+MAX_RIFF_CHUNKS = 64  # chunks before "data" in a header; ffmpeg writes fmt and LIST
 
 
 def output_path(flac: Path) -> Path:
@@ -47,6 +52,55 @@ def output_path(flac: Path) -> Path:
 def find_flacs(root: str | os.PathLike) -> list[Path]:
     """Every .flac below `root`, sorted."""
     return sorted(p for p in Path(root).rglob("*.flac") if p.is_file())
+
+
+def incomplete_reason(wav: Path) -> str | None:
+    """Why `wav` is not a complete WAV file, or None when it is; from its header only (a few reads).
+
+    soundfile must open it and count frames > 0, and the data size its RIFF header declares must
+    be in the file and hold exactly those frames: libsndfile quietly shortens the frame count of
+    a file cut short to what is there, so its count alone would pass a half-copied file.
+    """
+    try:
+        frames = sf.info(str(wav)).frames
+    except (RuntimeError, OSError) as err:  # sf.LibsndfileError is a RuntimeError
+        return f"soundfile cannot open it ({' '.join(str(err).split())})"
+    if frames <= 0:
+        return "it holds no audio frames"
+    data = _riff_data_chunk(wav)
+    if data is None:
+        return "no RIFF WAVE header with fmt and data chunks"
+    start, size, block_align = data
+    missing = start + size - os.path.getsize(wav)
+    if missing > 0:
+        return f"its header declares {size} bytes of audio, {missing} more than the file holds"
+    if size // block_align != frames:
+        return f"its header declares {size // block_align} frames, soundfile reads {frames}"
+    return None
+
+
+def _riff_data_chunk(wav: Path) -> tuple[int, int, int] | None:
+    """(offset, declared size, block align) of the data chunk of a RIFF WAVE file; None if absent."""
+    block_align = 0
+    with open(wav, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:] != b"WAVE":
+            return None
+        for _ in range(MAX_RIFF_CHUNKS):
+            header = f.read(8)
+            if len(header) < 8:
+                return None
+            chunk, size = header[:4], int.from_bytes(header[4:], "little")
+            if chunk == b"data":
+                return (f.tell(), size, block_align) if block_align else None
+            if chunk == b"fmt ":
+                body = f.read(16)
+                if len(body) < 16:
+                    return None
+                block_align = int.from_bytes(body[12:14], "little")
+                size -= len(body)
+            f.seek(size + (size & 1), os.SEEK_CUR)  # chunks are padded to an even size
+    return None
 
 
 def ffmpeg_normalize_command() -> list[str]:
@@ -115,11 +169,24 @@ def normalize_tree(root: str | os.PathLike, jobs: int | None = None, progress: b
     if jobs < 1:
         raise UserError(f"-j must be at least 1 (the default is one job per core), got {jobs}")
     summary = NormalizeSummary()
-    todo = []
+    todo, redo = [], []
     for flac in find_flacs(root):
-        (summary.skipped if output_path(flac).exists() else todo).append(flac)
+        out = output_path(flac)
+        if not out.exists():
+            todo.append(flac)
+        elif (reason := incomplete_reason(out)) is None:
+            summary.skipped.append(flac)
+        else:
+            todo.append(flac)
+            redo.append((out, reason))
     if not todo and not summary.skipped:
         return summary
+    if redo:  # one line, not one per file: a broken earlier run may have left thousands
+        logger.warning("normalize: %d existing %s file(s) are incomplete and will be done again (%s: %s)",
+                       len(redo), SUFFIX, *redo[0])
+        if verbose:
+            for out, reason in redo[1:]:
+                logger.info("incomplete: %s: %s", out, reason)
     logger.info("normalize: %d to do, %d already done, %d parallel jobs", len(todo), len(summary.skipped), jobs)
     if todo:
         for folder in sorted({flac.parent for flac in todo}):  # what a killed run left there
