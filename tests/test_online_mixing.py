@@ -217,8 +217,9 @@ def test_resume_is_exact_and_nothing_is_written_per_sample(setup):
     assert _files(corpus) == corpus_before
     names = _files(chkpt / "straight")
     assert {"chkpt_3.pt", "chkpt_6.pt", "best.pt", "config.yaml"} <= set(names)
-    assert all(n in ("chkpt_3.pt", "chkpt_6.pt", "best.pt", "config.yaml") or n.startswith("dvec-online-ge2e-")
-               for n in names)
+    # per run, not per sample: the d-vector shards and the headers' lengths (data/lengths.py)
+    assert all(n in ("chkpt_3.pt", "chkpt_6.pt", "best.pt", "config.yaml", "lengths.json") or
+               n.startswith("dvec-online-ge2e-") or n.startswith(".lock") for n in names)
 
 
 @pytest.mark.parametrize("data, flags, message", [
@@ -279,3 +280,65 @@ def test_ddp_two_processes_each_read_and_embed_their_own_shard(setup, tmp_path):
     assert state["step"] == 3 and state["world_size"] == 2 and state["epoch"] == 1  # 16 samples: 2 batches/rank
     ranks = {p.name.split("-r")[-1].split("-")[0] for p in chkpt.glob("dvec-online-*.pt")}
     assert ranks == {"0", "1"}
+
+
+# ---- never short of candidates -------------------------------------------------------------------------
+def _first_speakers_root(mini, count, tmp_path):
+    """A librispeech-mini holding the first ``count`` train-clean-100 speakers by id (and test-other)."""
+    root = tmp_path / "mini"
+    (root / "train-clean-100").mkdir(parents=True)
+    speakers = sorted((p for p in (mini / "train-clean-100").iterdir() if p.is_dir()), key=lambda p: int(p.name))
+    for folder in speakers[:count]:
+        (root / "train-clean-100" / folder.name).symlink_to(folder)
+    (root / "test-other").symlink_to(mini / "test-other")
+    return root
+
+
+@pytest.mark.slow
+def test_a_small_pool_of_short_pieces_never_stops_the_epoch(libri_mini, tmp_path):
+    """The GPU run's failure rebuilt on the CPU: 104 speakers of train-clean-100 cut at pauses as the
+    quality benchmark cuts them (many pieces shorter than 3 s), audio_len 3.0, 4000 mixtures an epoch.
+    Before, sample 3739 of epoch 0 had all its candidates dropped (28 of 32 struck as repeats) and the
+    trainer stopped; now every sample of two epochs is made, each the same whoever makes it."""
+    from reverse_voicefilter.bench.quality_data import write_training_pieces
+    from reverse_voicefilter.data.online import online_pools
+
+    pieces = tmp_path / "pieces"
+    write_training_pieces(_first_speakers_root(libri_mini, 104, tmp_path), pieces)
+    hp = HParam(ROOT / "config" / "default.yaml")
+    hp.data.update({"mixing": "online", "libri_dir": str(pieces), "train_subsets": ["train-clean-100"],
+                    "test_subsets": [], "input_glob": "*.wav", "epoch_samples": 4000, "audio_len": 3.0})
+    speakers = online_speakers(hp)
+    pools = online_pools(hp, speakers, tmp_path / "cache")
+    pools.check()
+    dataset = OnlineMixtures(hp, speakers, 4096, pools)
+    fallbacks = []
+    for epoch in (0, 1):
+        plan = dataset.plan(epoch)
+        for index in range(len(dataset)):
+            reference, output, mixed = dataset[(epoch, index)]
+            assert output.shape == mixed.shape == (48000,) and torch.isfinite(mixed).all()
+            if epoch == 0 and len(fallbacks) < 5 and mixing.struck_count(plan, index) > 20:
+                fallbacks.append((index, mixed))
+    assert fallbacks, "the case must hold samples that lost most of their candidates to repeats"
+    again = OnlineMixtures(hp, speakers, 16, pools)  # another process (worker, resumed run): the same samples
+    for index, mixed in fallbacks:
+        assert torch.equal(again[(0, index)][2], mixed)
+    assert (tmp_path / "cache" / "lengths.json").is_file()
+
+
+def test_data_that_cannot_make_one_mixture_is_refused_before_any_compute(setup, tmp_path):
+    root, corpus, config = setup
+    hp = _hp(config, libri_dir=str(corpus), audio_len=60.0)  # every utterance of the corpus is shorter
+    with pytest.raises(UserError, match=r"cannot make a single mixture.*data\.audio_len 60 s"):
+        create_online_loader(hp, load_embedder("resemblyzer", hp), tmp_path / "cache", torch.device("cpu"))
+
+
+def test_pools_check_needs_two_different_speakers():
+    class Two:
+        offsets, counts = np.array([0, 2]), np.array([2, 2])
+    ok = mixing.Pools(Two(), [5.0, 5.0, 5.0, 5.0], 3.0, 0.9)
+    ok.check()
+    with pytest.raises(UserError):  # only speaker 0's utterances are long enough: no interference
+        mixing.Pools(Two(), [5.0, 5.0, 1.0, 1.0], 3.0, 0.9).check()
+    mixing.Pools(Two(), [5.0, 1.0, 5.0, 1.0], 3.0, 0.9).check()  # ref 1 s is fine: a target needs 3 s

@@ -18,6 +18,13 @@ on the seed, the split, the data and ``i`` (never on the size asked for, the
 process count or ``reverse``). Sample ``i`` is the first of its candidates
 whose audio is long enough (the later ones are the retries of a dropped one).
 
+Beyond the original, for on-the-fly mixing, which must never stop a running training for want of
+a mixture: a sample whose planned candidates were all dropped (too short, or struck as repeats:
+late samples of a large epoch drawn from a small pool lose most of theirs) takes further ones
+from :func:`fallback_candidates`, an endless draw from its own seed among the utterances whose
+headers say they can serve (:class:`Pools`), so the stream stays a function of the seed and the
+data; data that cannot make one mixture is refused before any compute (:meth:`Pools.check`).
+
 Nothing here writes a file: :func:`make_mixture` gives sample ``i`` of a split
 from ``(speakers, seed, split, index)``, the same arrays generator.py writes
 (:func:`reverse_voicefilter.data.samples.write_sample`) for sample ``i``.
@@ -41,6 +48,8 @@ NORM_HEADROOM = 1.1                  # all audio divided by 1.1 * max|mixed|
 SPLIT_CODES = {"train": 1, "test": 2}
 CACHE_ENTRIES = 256                  # per-process cache of trimmed audio heads (about 50 MB at 3 s)
 DROP_REASONS = ("unreadable file", "reference too short", "target too short", "interference too short")
+FALLBACK_TAG = 0xFA11                # seeds a sample's further candidates apart from its planned ones
+FALLBACK_LIMIT = 20000               # further candidates tried before the data is declared unusable
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -93,6 +102,59 @@ def plan_candidates(speakers, size, seed, split_code, stream=()):
     keep[first] = True
     flat[~keep] = -1
     return cand
+
+
+class Pools:
+    """Which utterances can serve as a reference, and which as a target or an interference, by their
+    headers' lengths (an upper bound of what trimming leaves): the pools further candidates are drawn
+    from, and the check that the data can make a mixture at all."""
+
+    def __init__(self, speakers, seconds, audio_len, reference_min_seconds):
+        self.speakers = speakers
+        self.can_reference = np.asarray(seconds) >= reference_min_seconds
+        self.can_target = np.asarray(seconds) >= audio_len
+        self.audio_len, self.reference_min = audio_len, reference_min_seconds
+        per = [(np.flatnonzero(self.can_reference[o:o + c]) + o, np.flatnonzero(self.can_target[o:o + c]) + o)
+               for o, c in zip(speakers.offsets.tolist(), speakers.counts.tolist(), strict=True)]
+        self.references = [r for r, _ in per]
+        self.targets = [t for _, t in per]
+        # a first speaker needs a reference and another utterance that can be the target
+        self.first = np.array([s for s, (r, t) in enumerate(per) if len(r) and len(t) and len(np.union1d(r, t)) >= 2],
+                              dtype=np.int64)
+        self.second = np.array([s for s, (_, t) in enumerate(per) if len(t)], dtype=np.int64)
+
+    def check(self):
+        """Raise a UserError when no (reference, target, interference) triplet can be long enough."""
+        # a first speaker and a different second one: among two first speakers one differs from any second
+        if any(np.any(self.second != s1) for s1 in self.first[:2]):
+            return
+        from reverse_voicefilter.core.errors import UserError
+
+        raise UserError(f"online mixing: the data cannot make a single mixture: it needs a speaker with a reference "
+                        f"of at least {self.reference_min:.2f} s and another utterance of at least data.audio_len "
+                        f"{self.audio_len:g} s, and another speaker with an utterance of at least {self.audio_len:g} s "
+                        f"({int(self.can_target.sum())} of {len(self.can_target)} utterances are that long by their "
+                        f"headers); use more data or a shorter audio_len")
+
+
+def fallback_candidates(pools, seed, split_code, stream, index):
+    """Sample ``index``'s further candidates, endless: drawn as the plan draws (two different speakers,
+    two different utterances of the first and one of the second) from ``default_rng([seed, split_code,
+    *stream, index, FALLBACK_TAG])``, among the utterances :class:`Pools` says can serve."""
+    rng = np.random.default_rng([seed, split_code, *stream, index, FALLBACK_TAG])
+    while True:
+        s1 = int(pools.first[rng.integers(len(pools.first))])
+        others = pools.second[pools.second != s1]
+        if not len(others):
+            continue
+        s2 = int(others[rng.integers(len(others))])
+        ref = int(pools.references[s1][rng.integers(len(pools.references[s1]))])
+        targets = pools.targets[s1][pools.targets[s1] != ref]
+        if not len(targets):
+            continue
+        tgt = int(targets[rng.integers(len(targets))])
+        itf = int(pools.targets[s2][rng.integers(len(pools.targets[s2]))])
+        yield [ref, tgt, itf]
 
 
 def candidates_of(plan, index):
@@ -220,11 +282,14 @@ class Mixer:
         self.cache = TrimmedAudio(sr, int(sr * hp.data.audio_len), vad, capacity)
         self.reference_min = REFERENCE_MIN_FACTOR * hp.embedder.window * hp.audio.hop_length
 
-    def mix(self, speakers, index, candidates, reverse=False):
+    def mix(self, speakers, index, candidates, reverse=False, limit=None):
         """``(Mixture or None, Counter of drop reasons)``: the first candidate long enough, None when all
-        were dropped. ``candidates``: utterance index triplets into ``speakers``, as :func:`candidates_of`."""
+        were dropped (or ``limit`` of them). ``candidates``: utterance index triplets into ``speakers``, as
+        :func:`candidates_of`, or an endless :func:`fallback_candidates`."""
         drops = Counter()
-        for ref, tgt, itf in candidates:
+        for n, (ref, tgt, itf) in enumerate(candidates):
+            if limit is not None and n >= limit:
+                break
             reference, target, interference = (speakers.paths[u] for u in (ref, tgt, itf))
             result = mix_candidate(self.cache, reference, target, interference, self.reference_min)
             if isinstance(result, str):

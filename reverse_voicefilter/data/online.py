@@ -39,11 +39,16 @@ from reverse_voicefilter.core.audio import Audio, load_wav
 from reverse_voicefilter.core.errors import UserError
 from reverse_voicefilter.data.dataloader import ResumableSampler, seed_worker
 from reverse_voicefilter.data.dvec_cache import read_online_shards, write_online_shard
+from reverse_voicefilter.data.lengths import header_seconds
 from reverse_voicefilter.data.mixing import (
+    FALLBACK_LIMIT,
     MAX_ATTEMPTS,
+    REFERENCE_MIN_FACTOR,
     SPLIT_CODES,
     Mixer,
+    Pools,
     candidates_of,
+    fallback_candidates,
     plan_candidates,
     struck_count,
 )
@@ -83,9 +88,9 @@ class OnlineMixtures(Dataset):
     """Training mixtures made on demand: item ``(epoch, index)`` -> ``(reference index, output_wav [L],
     mixed_wav [L])``, the wavs as generator.py would write them (float32)."""
 
-    def __init__(self, hp, speakers, cache_capacity):
+    def __init__(self, hp, speakers, cache_capacity, pools=None):
         d = hp.data
-        self.hp, self.speakers = hp, speakers
+        self.hp, self.speakers, self.pools = hp, speakers, pools
         self.size, self.seed, self.reverse, self.vad = d.epoch_samples, d.mixing_seed, d.reverse_data, d.vad
         self.capacity = cache_capacity
         self._mixer = None      # made in the process that uses it (each loader worker has its own cache)
@@ -111,12 +116,21 @@ class OnlineMixtures(Dataset):
             self._mixer = Mixer(self.hp, self.vad, self.capacity)
         plan = self.plan(epoch)
         mixture, drops = self._mixer.mix(self.speakers, index, candidates_of(plan, index), self.reverse)
+        if mixture is None and self.pools is not None:
+            # further candidates from the sample's own seed: the stream stays exact, the run goes on
+            struck = struck_count(plan, index)
+            logger.debug("sample %d of epoch %d: its %d planned candidates were dropped (%d struck as repeats): "
+                         "drawing further ones", index, epoch, MAX_ATTEMPTS - struck, struck)
+            further = fallback_candidates(self.pools, self.seed, SPLIT_CODES[SPLIT], (epoch,) if epoch else (),
+                                          index)
+            mixture, more = self._mixer.mix(self.speakers, index, further, self.reverse, limit=FALLBACK_LIMIT)
+            drops += more
         if mixture is None:
             struck = struck_count(plan, index)
             reasons = ", ".join(f"{n} {k}" for k, n in sorted(drops.items())) or "none"
-            raise UserError(f"online mixing: all {MAX_ATTEMPTS - struck} candidates of sample {index} of epoch "
-                            f"{epoch} were dropped ({reasons}): the data has too few utterances long enough for "
-                            f"data.audio_len {self.hp.data.audio_len} s; use more data or a shorter audio_len")
+            raise UserError(f"online mixing: all candidates of sample {index} of epoch {epoch} were dropped "
+                            f"({reasons}; {struck} struck as repeats): the data has too few utterances long enough "
+                            f"for data.audio_len {self.hp.data.audio_len} s; use more data or a shorter audio_len")
         return mixture
 
     def __getitem__(self, key):
@@ -212,11 +226,20 @@ class OnlineBatches:
             raise UserError(text.strip().splitlines()[-1].split("UserError: ", 1)[-1]) from None
 
 
+def online_pools(hp, speakers, cache_dir=None):
+    """The :class:`~reverse_voicefilter.data.mixing.Pools` of the training utterances, by their headers."""
+    seconds = header_seconds(speakers.paths, cache_dir)
+    reference_min = REFERENCE_MIN_FACTOR * hp.embedder.window * hp.audio.hop_length / hp.audio.sample_rate
+    return Pools(speakers, seconds, hp.data.audio_len, reference_min)
+
+
 def create_online_loader(hp, embedder, cache_dir, device, seed=0, rank=0, world_size=1):
     """The online training loader of this process (its shard of every epoch) and its :class:`Speakers`."""
     speakers = online_speakers(hp)
     workers = hp.train.num_workers
-    dataset = OnlineMixtures(hp, speakers, cache_entries(hp, workers))
+    pools = online_pools(hp, speakers, cache_dir)
+    pools.check()  # data that cannot make one mixture is refused here, before any compute
+    dataset = OnlineMixtures(hp, speakers, cache_entries(hp, workers), pools)
     sampler = EpochSampler(dataset, hp.train.batch_size, seed, rank=rank, world_size=world_size)
     if sampler.batches_per_epoch == 0:
         raise UserError(f"data.epoch_samples {len(dataset)} is fewer than one batch of train.batch_size "
