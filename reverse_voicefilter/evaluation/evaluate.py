@@ -35,6 +35,7 @@ from reverse_voicefilter.core.atomic import write_text
 from reverse_voicefilter.core.audio import load_wav
 from reverse_voicefilter.core.errors import UserError
 from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.core.jsonfile import write_json
 from reverse_voicefilter.data.dvec_cache import load_dvecs, reference_key
 from reverse_voicefilter.data.generation import SETTINGS_FILE
 from reverse_voicefilter.data.samples import listed_samples, read_manifest
@@ -174,24 +175,34 @@ def _cosine(a, b):
 
 def _pool_context():
     """fork where the platform forks safely (Linux: workers start at once, as DataLoader's do);
-    spawn elsewhere (macOS, Windows). The workers only run numpy/scipy code."""
+    spawn elsewhere (macOS, Windows). Each worker computes its samples' SDRs on one torch thread
+    (:func:`_one_thread`)."""
     if sys.platform.startswith("linux"):
         return multiprocessing.get_context("fork")
     return multiprocessing.get_context("spawn")
 
 
-class _Scorer:
-    """mir_eval in this process (jobs 1) or in a process pool with a bounded queue."""
+def _one_thread():
+    """A pool worker's torch on one thread: ``jobs`` workers each starting torch's default (all the
+    cores) oversubscribe the machine, and a forked OpenMP pool of many threads can hang."""
+    torch.set_num_threads(1)
 
-    def __init__(self, jobs):
-        self.pool = _pool_context().Pool(jobs) if jobs > 1 else None
+
+class _Scorer:
+    """SDRs in this process (jobs 1, or on a GPU ``device``: batched there) or in a process pool with
+    a bounded queue."""
+
+    def __init__(self, jobs, device=None):
+        on_gpu = device is not None and device.type != "cpu"
+        self.device = device if on_gpu else None
+        self.pool = _pool_context().Pool(jobs, initializer=_one_thread) if jobs > 1 and not on_gpu else None
         self.limit = 4 * jobs
         self.pending = deque()
         self.done = []
 
     def submit(self, meta, task):
         if self.pool is None:
-            self.done.append((meta, score_sample(task)))
+            self.done.append((meta, score_sample(task, device=self.device)))
             return
         self.pending.append((meta, self.pool.apply_async(score_sample, (task,))))
         while len(self.pending) > self.limit:
@@ -241,7 +252,7 @@ def evaluate(separator, split_dir, modes, factor, limit=0, reversed_flag=None, j
     failed = {}  # sample id -> why it could not be scored (missing, unreadable, silent, lengths differ)
     items = _readable_samples(samples, rate, ref_dvecs, clean, failed)
 
-    scorer = _Scorer(jobs)
+    scorer = _Scorer(jobs, separator.device)
     similarities = {}
     try:
         buffer = []
@@ -337,16 +348,6 @@ def summarize(rows, modes, targets):
     return summary
 
 
-def _json_safe(obj):
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def write_csv(path, rows):
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=CSV_COLUMNS, lineterminator="\n")
@@ -357,7 +358,7 @@ def write_csv(path, rows):
 
 
 def write_report(path, report):
-    return write_text(path, json.dumps(_json_safe(report), indent=2) + "\n")
+    return write_json(path, report, indent=2)
 
 
 def write_scatter(out_dir, rows, summary):

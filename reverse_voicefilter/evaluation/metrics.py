@@ -1,33 +1,56 @@
-"""Separation metrics: SDR as the original (mir_eval) and scale-invariant SDR."""
-import warnings
+"""Separation metrics: SDR as the original reported it, and scale-invariant SDR.
 
+SDR is BSS Eval's (``mir_eval.separation.bss_eval_sources``, which the original's validation
+called): the estimate projected on the reference filtered by a 512-tap distortion filter, the
+energy of that projection over the energy of the rest. It is computed by torchmetrics'
+``signal_distortion_ratio`` (``filter_length=512``, ``zero_mean=False``, float64), batched and on
+any device, rather than by mir_eval itself: the same figure (tests/test_metrics.py holds it to
+mir_eval within 1e-3 dB on real speech; measured 1e-13 dB), several estimates in one call, and on
+a GPU where the model runs. torchmetrics rather than fast_bss_eval: maintained, a wheel, and
+already beside torch on most GPU images. mir_eval stays the tests' reference (0.8 marks
+``bss_eval_sources`` deprecated).
+"""
 import numpy as np
-from mir_eval.separation import bss_eval_sources
+import torch
+
+FILTER_LENGTH = 512  # BSS Eval's distortion filter (mir_eval's flen)
 
 
-def _align(reference, estimate):
-    n = min(len(reference), len(estimate))
-    return np.asarray(reference[:n], dtype=np.float64), np.asarray(estimate[:n], dtype=np.float64)
+def _as_rows(signals):
+    return torch.as_tensor(np.stack([np.asarray(s, dtype=np.float64) for s in signals]))
+
+
+def sdr_many(references, estimates, device=None):
+    """BSS Eval SDR (dB) of each estimate against its reference (two lists of equal-length 1-D
+    arrays, pair by pair), as a list of floats; NaN where the reference or the estimate is silent
+    (the metric is undefined there). One batched call: pairs of one length at a time."""
+    from torchmetrics.functional.audio import signal_distortion_ratio
+
+    out = [float("nan")] * len(references)
+    by_length = {}
+    for k, (ref, est) in enumerate(zip(references, estimates, strict=True)):
+        n = min(len(ref), len(est))
+        if np.any(ref[:n]) and np.any(est[:n]):
+            by_length.setdefault(n, []).append(k)
+    for n, keys in by_length.items():
+        refs = _as_rows([references[k][:n] for k in keys]).to(device or "cpu")
+        ests = _as_rows([estimates[k][:n] for k in keys]).to(device or "cpu")
+        values = signal_distortion_ratio(ests, refs, filter_length=FILTER_LENGTH, zero_mean=False)
+        for k, value in zip(keys, values.cpu().tolist(), strict=True):
+            out[k] = value
+    return out
 
 
 def sdr(reference, estimate):
-    """mir_eval ``bss_eval_sources`` SDR (dB) of one estimate against one clean source.
-
-    NaN where the reference is silent (the metric is undefined there).
-    """
-    reference, estimate = _align(reference, estimate)
-    if not np.any(reference) or not np.any(estimate):
-        return float("nan")
-    with warnings.catch_warnings():
-        # mir_eval 0.8 marks bss_eval_sources deprecated; it is still the original's metric
-        warnings.simplefilter("ignore", FutureWarning)
-        value, _, _, _ = bss_eval_sources(reference[None], estimate[None], compute_permutation=False)
-    return float(value[0])
+    """BSS Eval SDR (dB) of one estimate against one clean source; NaN where either is silent."""
+    return sdr_many([reference], [estimate])[0]
 
 
 def si_sdr(reference, estimate, eps=1e-8):
     """Scale-invariant SDR (dB), Le Roux et al. 2019 (zero-mean signals)."""
-    reference, estimate = _align(reference, estimate)
+    n = min(len(reference), len(estimate))
+    reference = np.asarray(reference[:n], dtype=np.float64)
+    estimate = np.asarray(estimate[:n], dtype=np.float64)
     reference = reference - reference.mean()
     estimate = estimate - estimate.mean()
     scale = np.dot(estimate, reference) / (np.dot(reference, reference) + eps)

@@ -14,15 +14,15 @@ convolutions, the trainer's model keeps them):
   ``CHUNK_SECONDS`` in chunks with context, so any length fits in bounded memory;
 * the lengths: ``-mixed.wav`` and ``-target.wav`` must be equally long
   (:func:`check_lengths`);
-* the figures: :func:`score_sample` (mir_eval ``bss_eval_sources`` SDR, as the
-  original's validation, and SI-SDR, of the mixture and of each output against
+* the figures: :func:`score_sample` (BSS Eval SDR, mir_eval's ``bss_eval_sources``
+  figure as the original's validation reported it, and SI-SDR, of the mixture and of each output against
   its clean reference), summarized by :func:`nan_median` / :func:`nan_mean`
   (a sample whose SDR is undefined, NaN, is left out of both).
 """
 import numpy as np
 
 from reverse_voicefilter.core.errors import UserError
-from reverse_voicefilter.evaluation.metrics import sdr, si_sdr
+from reverse_voicefilter.evaluation.metrics import sdr_many, si_sdr
 
 TARGET, RESIDUAL = "target", "mixed_minus_target"
 
@@ -43,25 +43,28 @@ def check_lengths(mixed, target, mixed_name, target_name):
                         f"{target.shape[-1]} samples): regenerate the sample")
 
 
-def score_sample(task, before=True):
+def score_sample(task, before=True, device=None):
     """SDR and SI-SDR of one sample's mixture and outputs (a module-level function for a pool).
 
     ``task``: (mixed [N], target [N], {mode: output [N]}, org_kind) -> {mode: {metric: value}}
     with ``sdr_before``, ``sdr_after``, ``sdr_gain`` and the same for ``si_sdr``. ``before``
-    False leaves the mixture's figures (and the gains) NaN: one bss_eval call less per sample.
+    False leaves the mixture's figures (and the gains) NaN: fewer SDRs to compute. The sample's
+    SDRs are one batched call (:func:`~reverse_voicefilter.evaluation.metrics.sdr_many`), on
+    ``device`` when given.
     """
     mixed, target, outputs, org_kind = task
     references = {TARGET: target, RESIDUAL: mixed - target}
+    kinds = {mode: reference_kind(mode, org_kind) for mode in outputs}
+    needed = sorted(set(kinds.values())) if before else []
+    pairs = [(references[k], mixed) for k in needed] + [(references[kinds[m]], out) for m, out in outputs.items()]
+    values = sdr_many([r for r, _ in pairs], [e for _, e in pairs], device)
     nan = float("nan")
-    figures_before = {}
+    figures_before = {k: (values[i], si_sdr(references[k], mixed)) for i, k in enumerate(needed)}
     scores = {}
-    for mode, output in outputs.items():
-        kind = reference_kind(mode, org_kind)
-        ref = references[kind]
-        if kind not in figures_before:
-            figures_before[kind] = (sdr(ref, mixed), si_sdr(ref, mixed)) if before else (nan, nan)
-        sdr_in, si_in = figures_before[kind]
-        sdr_out, si_out = sdr(ref, output), si_sdr(ref, output)
+    for j, (mode, output) in enumerate(outputs.items()):
+        kind = kinds[mode]
+        sdr_in, si_in = figures_before.get(kind, (nan, nan))
+        sdr_out, si_out = values[len(needed) + j], si_sdr(references[kind], output)
         scores[mode] = {"sdr_before": sdr_in, "sdr_after": sdr_out, "sdr_gain": sdr_out - sdr_in,
                         "si_sdr_before": si_in, "si_sdr_after": si_out, "si_sdr_gain": si_out - si_in}
     return scores
