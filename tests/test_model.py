@@ -206,3 +206,21 @@ def test_the_inference_network_fuses_every_relu_of_the_conv_stack():
     fast = VoiceFilter(HParam("config/tiny.yaml")).for_inference()
     assert sum(isinstance(m, ConvReLU) for m in fast.conv) == 8
     assert not any(isinstance(m, (torch.nn.ReLU, torch.nn.BatchNorm2d)) for m in fast.conv)
+
+
+def test_film_starts_as_the_original_network_and_learns():
+    """model.film: zero-initialized, the network computes what it computes without it; its parameters
+    are new (film.N.*) and get gradients; off, the state dict is the original's."""
+    hp = HParam("config/tiny.yaml")
+    torch.manual_seed(0)
+    plain = VoiceFilter(hp)
+    assert not any(k.startswith("film") for k in plain.state_dict())
+    hp.model.film = True
+    torch.manual_seed(0)
+    film = VoiceFilter(hp)
+    film.load_state_dict(plain.state_dict(), strict=False)
+    x, d = torch.rand(2, 30, 257), torch.randn(2, 256)
+    with torch.no_grad():
+        assert torch.equal(film.eval()(x, d), plain.eval()(x, d))
+    film.train()(x, d).square().mean().backward()
+    assert all(layer.weight.grad.abs().sum() > 0 for layer in film.film)

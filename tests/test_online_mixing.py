@@ -342,3 +342,35 @@ def test_pools_check_needs_two_different_speakers():
     with pytest.raises(UserError):  # only speaker 0's utterances are long enough: no interference
         mixing.Pools(Two(), [5.0, 5.0, 1.0, 1.0], 3.0, 0.9).check()
     mixing.Pools(Two(), [5.0, 1.0, 5.0, 1.0], 3.0, 0.9).check()  # ref 1 s is fine: a target needs 3 s
+
+
+# ---- augmentation (docs/recipes.md) -----------------------------------------------------------------------
+def test_augmentation_draws_are_a_function_of_the_sample_and_the_curriculum_falls_to_zero():
+    from reverse_voicefilter.data.augment import Augmentation, window
+
+    assert Augmentation().draw(0, 0, 5, 100) is None  # off: the original's recipe, nothing drawn
+    aug = Augmentation(random_crop=True, gain_db=6.0)
+    first = aug.draw(3, 1, 7, 100)
+    assert first == aug.draw(3, 1, 7, 100) and first != aug.draw(3, 1, 8, 100)
+    assert all(0 <= u < 1 for u in first[:2]) and 10 ** (-6 / 20) <= first[2] <= 10 ** (6 / 20)
+    curriculum = Augmentation(snr_start_db=10.0, snr_samples=400)
+    gains = [curriculum.draw(0, e, i, 100)[2] for e, i in ((0, 0), (1, 0), (3, 99), (4, 0), (9, 50))]
+    assert gains[0] == pytest.approx(10 ** (-10 / 20)) and gains[0] < gains[1] < gains[2] < 1.0
+    assert gains[3] == gains[4] == 1.0
+    audio = np.arange(10.0)
+    assert window(audio, 4, None).tolist() == [0, 1, 2, 3] and window(audio, 4, 0.999).tolist() == [6, 7, 8, 9]
+
+
+def test_augmented_samples_are_the_same_in_any_process_and_differ_from_the_original(setup):
+    root, corpus, config = setup
+    plain = _hp(config, libri_dir=str(corpus))
+    augmented = _hp(config, libri_dir=str(corpus), crop="random", gain_db=6.0, snr_start_db=10.0, snr_steps=2)
+    speakers = online_speakers(plain)
+    a, b = OnlineMixtures(augmented, speakers, 8), OnlineMixtures(augmented, speakers, 64)
+    original = OnlineMixtures(plain, speakers, 8)
+    for key in ((0, 0), (0, 3), (1, 2)):
+        ref_a, out_a, mixed_a = a[key]
+        ref_b, out_b, mixed_b = b[key]
+        assert int(ref_a) == int(ref_b) and torch.equal(out_a, out_b) and torch.equal(mixed_a, mixed_b)
+        assert not torch.equal(mixed_a, original[key][2])
+        assert mixed_a.abs().max() <= 1 / mixing.NORM_HEADROOM + 1e-6

@@ -54,6 +54,12 @@ RECIPES = {
     "warmup-cosine": lambda steps: {"train": {"lr_schedule": "warmup_cosine", "warmup_steps": max(1, steps // 10)}},
     # the demo's network (synthetic voices, 6000 steps, past its plateau) fine-tuned on the real pieces
     "warm-start": lambda steps: {},
+    # more from the little data: a window anywhere in each piece, the interference within +-6 dB
+    "augment": lambda steps: {"data": {"crop": "random", "gain_db": 6.0}},
+    # the interference 10 dB quieter at first, at its own level from a third of the run on
+    "snr-curriculum": lambda steps: {"data": {"snr_start_db": 10.0, "snr_steps": max(1, steps // 3)}},
+    # the d-vector also modulates every convolution block's output
+    "film": lambda steps: {"model": {"film": True}},
 }
 # trainer.py flags of a recipe, beside its config changes
 RECIPE_FLAGS = {"warm-start": ["--init_from", str(common.PACKAGE / "assets" / "demo-tiny-6000.pt")]}

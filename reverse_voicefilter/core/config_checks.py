@@ -59,6 +59,9 @@ RANGES = {
     "data.epoch_samples": AT_LEAST_0,
     "data.mixing_seed": AT_LEAST_0,
     "data.audio_cache_mb": AT_LEAST_0,
+    "data.gain_db": Range(0, 40),
+    "data.snr_start_db": Range(0, 60),
+    "data.snr_steps": AT_LEAST_0,
     "train.batch_size": AT_LEAST_1,
     "train.num_workers": AT_LEAST_0,
     "train.adam": POSITIVE,
@@ -102,6 +105,7 @@ CHOICES = {
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.lr_schedule": ("constant", "warmup_cosine"),
     "data.mixing": ("precomputed", "online"),
+    "data.crop": ("head", "random"),
     "ge2e.architecture": ("original", "resemblyzer"),
 }
 

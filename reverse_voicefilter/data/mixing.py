@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from reverse_voicefilter.core.audio import AudioError, load_wav
+from reverse_voicefilter.data.augment import window
 
 logger = logging.getLogger(__name__)
 
@@ -186,12 +187,14 @@ class TrimmedAudio:
     decoded and trimmed again.
     """
 
-    def __init__(self, sample_rate, length, vad, capacity=CACHE_ENTRIES):
+    def __init__(self, sample_rate, length, vad, capacity=CACHE_ENTRIES, whole=False):
         self.sample_rate, self.length, self.vad, self.capacity = sample_rate, length, vad, capacity
+        self.whole = whole  # keep all of the usable audio (random crops), not only its head
         self._entries = OrderedDict()
 
     def get(self, path):
-        """``(trimmed_len, usable_len, head [<= length] float32)``, or None for an unreadable file."""
+        """``(trimmed_len, usable_len, head [<= length] float32, or all of it with ``whole``)``, or None for an
+        unreadable file."""
         if path in self._entries:
             self._entries.move_to_end(path)
             return self._entries[path]
@@ -203,15 +206,18 @@ class TrimmedAudio:
         else:
             trimmed, _ = librosa.effects.trim(wav, top_db=TOP_DB)
             usable = vad_merge(trimmed) if self.vad else trimmed
-            entry = (trimmed.shape[0], usable.shape[0], np.array(usable[:self.length]))
+            entry = (trimmed.shape[0], usable.shape[0], np.array(usable if self.whole else usable[:self.length]))
         self._entries[path] = entry
         if len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
         return entry
 
 
-def mix_candidate(cache, reference, target, interference, reference_min):
-    """The original's sample recipe; ``(target_wav, interference_wav, mixed_wav)`` [L] or a drop reason."""
+def mix_candidate(cache, reference, target, interference, reference_min, augment=None, reverse=False):
+    """The original's sample recipe; ``(target_wav, interference_wav, mixed_wav)`` [L] or a drop reason.
+    ``augment``: ``(target offset, interference offset, gain)`` of
+    :meth:`reverse_voicefilter.data.augment.Augmentation.draw` (None: the original's); the gain scales
+    the voice the model is to remove (the interference; the target where ``reverse``)."""
     ref = cache.get(reference)
     if ref is None:
         return "unreadable file"
@@ -227,7 +233,16 @@ def mix_candidate(cache, reference, target, interference, reference_min):
         return "unreadable file"
     if itf[1] < cache.length:
         return "interference too short"
-    target_wav, interference_wav = tgt[2], itf[2]
+    if augment is None:
+        target_wav, interference_wav = tgt[2][:cache.length], itf[2][:cache.length]
+    else:
+        target_offset, interference_offset, gain = augment
+        target_wav = window(tgt[2], cache.length, target_offset)
+        interference_wav = window(itf[2], cache.length, interference_offset)
+        if reverse:
+            target_wav = target_wav * np.float32(gain)
+        else:
+            interference_wav = interference_wav * np.float32(gain)
     mixed_wav = target_wav + interference_wav
     norm = np.max(np.abs(mixed_wav)) * NORM_HEADROOM
     return target_wav / norm, interference_wav / norm, mixed_wav / norm
@@ -277,12 +292,12 @@ class Mixture:
 class Mixer:
     """Turns a sample's candidates into its :class:`Mixture`; one per process (it holds the audio cache)."""
 
-    def __init__(self, hp, vad=False, capacity=CACHE_ENTRIES):
+    def __init__(self, hp, vad=False, capacity=CACHE_ENTRIES, whole=False):
         sr = hp.audio.sample_rate
-        self.cache = TrimmedAudio(sr, int(sr * hp.data.audio_len), vad, capacity)
+        self.cache = TrimmedAudio(sr, int(sr * hp.data.audio_len), vad, capacity, whole)
         self.reference_min = REFERENCE_MIN_FACTOR * hp.embedder.window * hp.audio.hop_length
 
-    def mix(self, speakers, index, candidates, reverse=False, limit=None):
+    def mix(self, speakers, index, candidates, reverse=False, limit=None, augment=None):
         """``(Mixture or None, Counter of drop reasons)``: the first candidate long enough, None when all
         were dropped (or ``limit`` of them). ``candidates``: utterance index triplets into ``speakers``, as
         :func:`candidates_of`, or an endless :func:`fallback_candidates`."""
@@ -291,7 +306,7 @@ class Mixer:
             if limit is not None and n >= limit:
                 break
             reference, target, interference = (speakers.paths[u] for u in (ref, tgt, itf))
-            result = mix_candidate(self.cache, reference, target, interference, self.reference_min)
+            result = mix_candidate(self.cache, reference, target, interference, self.reference_min, augment, reverse)
             if isinstance(result, str):
                 drops[result] += 1
                 continue

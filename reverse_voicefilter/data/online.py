@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from reverse_voicefilter.core.audio import Audio, load_wav
 from reverse_voicefilter.core.errors import UserError
+from reverse_voicefilter.data.augment import Augmentation
 from reverse_voicefilter.data.dataloader import ResumableSampler, seed_worker
 from reverse_voicefilter.data.dvec_cache import read_online_shards, write_online_shard
 from reverse_voicefilter.data.lengths import header_seconds
@@ -93,6 +94,7 @@ class OnlineMixtures(Dataset):
         self.hp, self.speakers, self.pools = hp, speakers, pools
         self.size, self.seed, self.reverse, self.vad = d.epoch_samples, d.mixing_seed, d.reverse_data, d.vad
         self.capacity = cache_capacity
+        self.augment = Augmentation.from_hp(hp)
         self._mixer = None      # made in the process that uses it (each loader worker has its own cache)
         self._plans = {}
         self._index_of = None   # reference path -> utterance index
@@ -113,9 +115,11 @@ class OnlineMixtures(Dataset):
     def mixture(self, epoch, index):
         """The :class:`reverse_voicefilter.data.mixing.Mixture` of sample ``index`` of ``epoch``."""
         if self._mixer is None:
-            self._mixer = Mixer(self.hp, self.vad, self.capacity)
+            self._mixer = Mixer(self.hp, self.vad, self.capacity, whole=self.augment.random_crop)
         plan = self.plan(epoch)
-        mixture, drops = self._mixer.mix(self.speakers, index, candidates_of(plan, index), self.reverse)
+        augment = self.augment.draw(self.seed, epoch, index, self.size)
+        mixture, drops = self._mixer.mix(self.speakers, index, candidates_of(plan, index), self.reverse,
+                                         augment=augment)
         if mixture is None and self.pools is not None:
             # further candidates from the sample's own seed: the stream stays exact, the run goes on
             struck = struck_count(plan, index)
@@ -123,7 +127,8 @@ class OnlineMixtures(Dataset):
                          "drawing further ones", index, epoch, MAX_ATTEMPTS - struck, struck)
             further = fallback_candidates(self.pools, self.seed, SPLIT_CODES[SPLIT], (epoch,) if epoch else (),
                                           index)
-            mixture, more = self._mixer.mix(self.speakers, index, further, self.reverse, limit=FALLBACK_LIMIT)
+            mixture, more = self._mixer.mix(self.speakers, index, further, self.reverse, limit=FALLBACK_LIMIT,
+                                            augment=augment)
             drops += more
         if mixture is None:
             struck = struck_count(plan, index)

@@ -75,6 +75,15 @@ class VoiceFilter(nn.Module):
         # cnn8 had no pad layer in the original, hence indices 28/29.
         layers += [nn.Conv2d(width, PROJ_CHANNELS, kernel_size=(1, 1)), nn.BatchNorm2d(PROJ_CHANNELS), nn.ReLU()]
         self.conv = nn.Sequential(*layers)
+        # FiLM (model.film, off by default): the d-vector scales and shifts each block's output, so
+        # the speaker conditions the convolutions too, not only the LSTM's input. Zero-initialized:
+        # the network starts as the original. New parameters (film.N.*), present only when on.
+        self.film = nn.ModuleList(nn.Linear(hp.embedder.emb_dim, 2 * width) for _ in _CONV_LAYOUT) \
+            if hp.model.get("film", False) else None
+        if self.film is not None:
+            for layer in self.film:
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
         self.lstm = nn.LSTM(PROJ_CHANNELS * num_freq + hp.embedder.emb_dim, hp.model.lstm_dim,
                             batch_first=True, bidirectional=True)
         self.fc1 = nn.Linear(2 * hp.model.lstm_dim, hp.model.fc1_dim)
@@ -91,7 +100,7 @@ class VoiceFilter(nn.Module):
         x = x.unsqueeze(1)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        x = self.conv(x)
+        x = self.conv(x) if self.film is None else self._conv_with_film(x, dvec)
         # [B, 8, T, F] -> [B, T, 8 * F]; the LSTM wants channel-major features per frame
         x = x.transpose(1, 2).reshape(x.size(0), x.size(2), -1)
         dvec = dvec.to(x.dtype).unsqueeze(1).expand(-1, x.size(1), -1)
@@ -100,6 +109,17 @@ class VoiceFilter(nn.Module):
         x = self.fc1(F.relu(x))
         x = self.fc2(F.relu(x))  # [B, T, F]
         return torch.sigmoid(x)
+
+    def _conv_with_film(self, x, dvec):
+        """The conv stack with each block's output (after its ReLU slot, index 4k + 3) modulated:
+        x * (1 + gamma) + beta, (gamma, beta) = film[k](dvec) per channel."""
+        for i, layer in enumerate(self.conv):
+            x = layer(x)
+            block, slot = divmod(i, 4)
+            if slot == 3 and block < len(self.film):
+                gamma, beta = self.film[block](dvec.to(x.dtype)).unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)
+                x = x * (1 + gamma) + beta
+        return x
 
     def _blstm(self, x):
         if self.training and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
