@@ -1,7 +1,11 @@
-"""Small pieces every entry script shares: boolean flags, device choice, logging."""
+"""Small pieces every entry script shares: boolean flags, device choice, logging, output folders."""
 import argparse
+import contextlib
 import logging
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 from reverse_voicefilter.core.errors import UserError
 
@@ -52,10 +56,6 @@ def pick_device(name="auto"):
 def check_writable_dir(path, flag):
     """Create folder ``path`` if needed and prove it writable now, before any compute: a run that
     would only fail when writing its results is one line naming the flag (exit 2) instead."""
-    import os
-    import tempfile
-    from pathlib import Path
-
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
@@ -65,6 +65,23 @@ def check_writable_dir(path, flag):
     except OSError as err:
         raise UserError(f"cannot write to {flag} folder {path}: {err.strerror or err}") from None
     return path
+
+
+@contextlib.contextmanager
+def new_folders(*folders, flag):
+    """:func:`check_writable_dir` for each folder; on the way out, those this call created (parents
+    included) that are still empty are removed again, so a run refused at its start leaves
+    nothing behind (a run that wrote something keeps its folders)."""
+    created = set()
+    try:
+        for folder in map(Path, folders):
+            created.update(p for p in (folder, *folder.parents) if not p.exists())
+            check_writable_dir(folder, flag)
+        yield
+    finally:
+        for path in sorted(created, key=lambda p: len(p.parts), reverse=True):  # the deepest first
+            with contextlib.suppress(OSError):  # not empty (or gone): it stays
+                path.rmdir()
 
 
 class UserErrorParser(argparse.ArgumentParser):
@@ -79,7 +96,6 @@ class UserErrorParser(argparse.ArgumentParser):
 def setup_console_logging(level=logging.INFO):
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
-
 
 
 def add_threads_flag(parser):
