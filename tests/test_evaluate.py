@@ -8,7 +8,15 @@ import pytest
 import soundfile as sf
 import torch
 from mir_eval.separation import bss_eval_sources
-from test_inference import RATE, make_tiny_setup, one_torch_thread, run_main, start_script, voice  # noqa: F401
+from test_inference import (  # noqa: F401
+    RATE,
+    error_lines,
+    make_tiny_setup,
+    one_torch_thread,
+    run_main,
+    start_script,
+    voice,
+)
 
 from reverse_voicefilter.core.audio import Audio
 from reverse_voicefilter.core.errors import UserError
@@ -403,3 +411,19 @@ def test_an_online_mixed_model_says_itself_what_org_keeps(tmp_path, reverse):
     hp_str = (f"data:\n  mixing: online\n  reverse_data: {str(reverse).lower()}\n  libri_dir: {tmp_path}/gone\n")
     value, why = model_reversed(hp_str)
     assert value is reverse and "data.mixing online" in why
+
+
+def test_a_second_evaluation_in_a_locked_out_dir_is_refused(setup, tmp_path, capsys):
+    """Two evaluations into one -o: the second would remove the first's temporaries and both write
+    report.json; it is refused while the first lives."""
+    from test_runlock import lock_holder
+
+    from reverse_voicefilter.commands import evaluate
+
+    out = tmp_path / "o"
+    with lock_holder(out) as holder:
+        (out / ".report.json.k2j_x9ab.tmp.json").write_text("being written")
+        code, _, err = run_main(evaluate.main, eval_args(setup, out, "--mask", "org"), capsys)
+        assert code == 2 and len(error_lines(err)) == 1, err
+        assert error_lines(err)[0].startswith(f"error: {out} is in use by another run (process {holder.pid} on ")
+        assert sorted(p.name for p in out.iterdir()) == [".lock", ".report.json.k2j_x9ab.tmp.json"]

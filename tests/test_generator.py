@@ -5,6 +5,8 @@ import logging
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 from collections import Counter
@@ -324,7 +326,7 @@ def cli(capsys, *args):
     ("missing_subset", "train-clean-360 not found"),
     ("no_speakers", "no training speaker with two or more '*-norm.wav' files"),
     ("flac_only", "--input_glob"),
-    ("unwritable", "cannot write to output folder"),
+    ("unwritable", "cannot write to -o folder"),
     ("processes", "-p must be at least 1"),
     ("size", "must not be negative"),
     ("bad_bool", "expected a boolean"),
@@ -359,6 +361,7 @@ def test_cli_errors_are_one_line(tmp_path, corpus, capsys, case, message):
     assert code == 2
     lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+    assert not (tmp_path / "o").exists()  # a refused run makes no output folder
 
 
 @pytest.mark.slow
@@ -545,3 +548,27 @@ def test_closing_summary_is_written_once(tmp_path, corpus, capsys, caplog):
     assert code == 0, err
     for split in ("train: 2 samples in", "test: 1 samples in"):
         assert (out + err + caplog.text).count(split) == 1, (out, err, caplog.text)
+
+
+def test_a_second_generator_in_a_locked_out_dir_is_refused_until_the_holder_dies(tmp_path, corpus, capsys):
+    """Two generators into one -o: the second would remove the first's temporaries as stale."""
+    from test_runlock import lock_holder
+
+    out = tmp_path / "o"
+    args = ["-d", corpus, "-o", out, "-p", "1", "--train_subsets", "train-clean-100", "--train_size", "2",
+            "--test_size", "0"]
+    stale = out / "train" / ".000000-mixed.wav.ab12cd34.tmp.wav"  # to the first run, a file being written
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half")
+    with lock_holder(out) as holder:
+        code, _, err = cli(capsys, *args)
+        assert code == 2 and [ln for ln in err.splitlines() if ln.startswith("error:")] == [
+            f"error: {out} is in use by another run (process {holder.pid} on {socket.gethostname()}); wait for it "
+            f"to end, or choose another -o"]
+        assert stale.read_bytes() == b"half"
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=30)
+        code, _, err = cli(capsys, *args)
+        assert code == 0, err
+    assert not stale.exists() and len(read_manifest(out / "train")) == 2
+    assert not (out / ".lock").exists()

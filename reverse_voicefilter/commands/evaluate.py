@@ -8,7 +8,8 @@ per sample and mode), OUT_DIR/sdr_before_after.png, and prints a table. org is s
 the speaker the model keeps (the reference speaker, or the interfering one for a model trained
 on reversed data), the inverse modes against the other one. Any folder in the trainer's format
 works, with utterances of any length (Google's official test set: generator.py --tuples); the
-scoring is the trainer's validation's (reverse_voicefilter/evaluation/scoring.py).
+scoring is the trainer's validation's (reverse_voicefilter/evaluation/scoring.py). One evaluation
+at a time writes into an OUT_DIR: a second is refused while the first lives.
 """
 import argparse
 import logging
@@ -27,6 +28,7 @@ from reverse_voicefilter.core.cli import (
 )
 from reverse_voicefilter.core.errors import UserError, run_cli
 from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.core.runlock import folder_lock
 from reverse_voicefilter.separation.options import (
     BATCH_SIZE,
     DEFAULT_FACTOR,
@@ -82,7 +84,9 @@ def main(argv=None):
     if args.jobs > (os.cpu_count() or 1):
         log.warning("--jobs %d is more than the %d CPU cores", args.jobs, os.cpu_count())
     modes = parse_modes(args.mask)
-    with output_folder(args.out_dir, "-o"):  # before any compute: a bad -o is one line, not a lost run
+    # before any compute: a bad -o is one line, not a lost run; and one evaluation at a time in -o,
+    # or a second would remove the first's temporaries as stale and both would write the report
+    with output_folder(args.out_dir, "-o"), folder_lock(args.out_dir, "-o"):
         for path in remove_stale_temporaries(args.out_dir, legacy_suffixes=LEGACY_TEMPORARIES):
             log.info("removed %s, left by an interrupted run", path)
         device = pick_device(args.device)

@@ -5,14 +5,16 @@
 
 Writes exactly --train_size / --test_size samples into OUT_DIR/train and
 OUT_DIR/test; the same command gives byte-identical files whatever -p, and a
-killed run is finished by running the same command again.
+killed run is finished by running the same command again. One generator at a time
+writes into an OUT_DIR: a second is refused while the first lives.
 """
 import argparse
 import signal
 
-from reverse_voicefilter.core.cli import UserErrorParser, add_bool_flag, setup_console_logging
+from reverse_voicefilter.core.cli import UserErrorParser, add_bool_flag, new_folders, setup_console_logging
 from reverse_voicefilter.core.errors import UserError, run_cli
 from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.core.runlock import folder_lock
 from reverse_voicefilter.data.generation import default_processes, generate
 from reverse_voicefilter.data.speakers import DEFAULT_TEST_SUBSETS, DEFAULT_TRAIN_SUBSETS, read_speaker_list
 
@@ -95,19 +97,21 @@ def main(argv=None):
     setup_console_logging()
     signal.signal(signal.SIGTERM, _interrupt)
     hp = HParam(args.config)
-    if args.tuples:
-        run_official(args, hp, given_flags(parser, argv))
-        return 0
-    if args.skip_missing:
+    if args.skip_missing and not args.tuples:
         raise UserError("--skip_missing goes with --tuples (the official test set)")
-    holdout = read_speaker_list(args.holdout_speakers) if args.holdout_speakers else ()
-    generate(
-        hp, args.libri_dir, args.out_dir, train_size=args.train_size, test_size=args.test_size,
-        processes=args.process_num, reverse=args.reverse_data, seed=args.seed, vad=args.vad,
-        only_dev=args.only_dev, vox_dir=args.voxceleb_dir, train_subsets=args.train_subsets,
-        test_subsets=args.test_subsets, exclude_test_speakers=args.exclude_test_speakers, holdout=holdout,
-        float16=args.float16, input_glob=args.input_glob, progress=args.progress,
-    )
+    # one generator at a time in -o: a second would remove the first's temporaries as stale
+    with new_folders(args.out_dir, flag="-o"), folder_lock(args.out_dir, "-o"):
+        if args.tuples:
+            run_official(args, hp, given_flags(parser, argv))
+            return 0
+        holdout = read_speaker_list(args.holdout_speakers) if args.holdout_speakers else ()
+        generate(
+            hp, args.libri_dir, args.out_dir, train_size=args.train_size, test_size=args.test_size,
+            processes=args.process_num, reverse=args.reverse_data, seed=args.seed, vad=args.vad,
+            only_dev=args.only_dev, vox_dir=args.voxceleb_dir, train_subsets=args.train_subsets,
+            test_subsets=args.test_subsets, exclude_test_speakers=args.exclude_test_speakers, holdout=holdout,
+            float16=args.float16, input_glob=args.input_glob, progress=args.progress,
+        )
     # the closing summary of each split is generate()'s last log line
     return 0
 
