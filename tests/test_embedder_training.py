@@ -17,7 +17,7 @@ from test_trainer import read_events as read_scalars
 
 from reverse_voicefilter.commands.embedder_trainer import main as trainer_main
 from reverse_voicefilter.core.checkpoint import load_checkpoint
-from reverse_voicefilter.core.errors import UserError
+from reverse_voicefilter.core.errors import UserError, run_cli
 from reverse_voicefilter.core.hparams import HParam
 from reverse_voicefilter.embedding.config import load_ge2e_config
 from reverse_voicefilter.embedding.data import split_into_crops
@@ -334,6 +334,7 @@ def test_user_errors(corpus, tmp_path, case):
                 "foreign checkpoint": "not an embedder_trainer.py checkpoint"}[case]
     with pytest.raises(UserError, match=expected):
         train(tmp_path, "x", config, *extra, corpus_dir=data)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["c.yaml", *(["vf.pt"] if extra else [])])
 
 
 @pytest.mark.parametrize("text, message", [
@@ -366,3 +367,72 @@ def test_cli_error_is_one_line(tmp_path):
     proc = run_script("embedder_trainer.py", "-c", config, "-m", "x", "-b", tmp_path, "--libri_dir", tmp_path / "no")
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr
+
+
+# ---- one run per folder, run names ------------------------------------------------------------------
+def cli(capsys, root, name, config, *extra, corpus_dir):
+    """embedder_trainer.py's main as the script runs it: (exit status, the error lines on stderr)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_status:
+        run_cli(lambda _: train(root, name, config, *extra, corpus_dir=corpus_dir))
+    return exit_status.value.code, [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+
+
+def small_config(path, **ge2e):
+    return write_config(path, {"speakers_per_batch": 3, "utterances_per_speaker": 2, **ge2e},
+                        embedder=ARCHS["original"])
+
+
+def test_a_new_run_over_a_finished_one_is_refused_and_overwrite_starts_over(corpus, tmp_path, capsys):
+    config = small_config(tmp_path / "c.yaml", max_steps=4, checkpoint_interval=2)
+    assert train(tmp_path, "x", config, corpus_dir=corpus) == 0
+    folder = tmp_path / "chkpt" / "x"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert set(before) == {"chkpt_2.pt", "chkpt_4.pt", "embedder.pt", "config.yaml"}
+    code, errors = cli(capsys, tmp_path, "x", config, corpus_dir=corpus)
+    assert code == 2 and len(errors) == 1, errors
+    assert f"--checkpoint_path {folder / 'chkpt_4.pt'}" in errors[0] and "--overwrite" in errors[0]
+    assert "embedder.pt" in errors[0]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # nothing replaced, nothing added
+    code, errors = cli(capsys, tmp_path, "x", config, "--overwrite", "--checkpoint_path", folder / "chkpt_4.pt",
+                       corpus_dir=corpus)
+    assert code == 2 and "leave it out" in errors[0]
+    # --overwrite: a new run, alone in the folder
+    assert train(tmp_path, "x", config, "--overwrite", "--max_steps", 2, corpus_dir=corpus) == 0
+    assert {p.name for p in folder.iterdir()} == {"chkpt_2.pt", "embedder.pt", "config.yaml"}
+    assert load_checkpoint(folder / "chkpt_2.pt")["step"] == 2
+
+
+def test_a_second_run_in_a_locked_run_folder_is_refused(corpus, tmp_path, capsys):
+    from test_runlock import lock_holder
+
+    config = small_config(tmp_path / "c.yaml", max_steps=1)
+    folder = tmp_path / "chkpt" / "x"
+    with lock_holder(folder) as holder:
+        code, errors = cli(capsys, tmp_path, "x", config, corpus_dir=corpus)
+        assert code == 2 and len(errors) == 1
+        assert errors[0].startswith(f"error: {folder} is in use by another run (process {holder.pid} on ")
+        assert sorted(p.name for p in folder.iterdir()) == [".lock"] and not (tmp_path / "logs").exists()
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=30)
+        assert train(tmp_path, "x", config, corpus_dir=corpus) == 0
+    assert {p.name for p in folder.iterdir()} == {"chkpt_1.pt", "embedder.pt", "config.yaml"}
+
+
+@pytest.mark.parametrize("name", ["../victim", "", "a/b", ".."])
+def test_run_name_must_be_one_plain_folder_name(corpus, tmp_path, capsys, name):
+    config = small_config(tmp_path / "c.yaml", max_steps=1)
+    base = tmp_path / "base"
+    code, errors = cli(capsys, base, name, config, "--overwrite", corpus_dir=corpus)
+    assert code == 2 and len(errors) == 1 and errors[0].startswith(f"error: -m {name!r} is not a run name")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
+def test_a_folder_given_as_the_checkpoint_says_so(corpus, tmp_path, capsys):
+    config = small_config(tmp_path / "c.yaml", max_steps=1)
+    (tmp_path / "old" / "chkpt_7.pt").parent.mkdir()
+    (tmp_path / "old" / "chkpt_7.pt").write_bytes(b"")
+    code, errors = cli(capsys, tmp_path, "x", config, "--checkpoint_path", tmp_path / "old", corpus_dir=corpus)
+    assert code == 2 and errors == [f"error: --checkpoint_path {tmp_path / 'old'} is a folder, not a checkpoint: "
+                                    f"give a checkpoint file (chkpt_STEP.pt), e.g. {tmp_path / 'old' / 'chkpt_7.pt'}"]
+    assert not (tmp_path / "chkpt").exists()

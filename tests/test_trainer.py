@@ -712,3 +712,124 @@ def test_training_state_round_trip():
     restored.load_state_dict(saved)
     assert (restored.step, restored.epoch, restored.batch, restored.best_sdr) == (4, 1, 1, 2.5)
     assert torch.equal(torch.rand(3), expected)
+
+
+# ---- one run per folder, run names, the best checkpoint after a kill ------------------------------
+def _one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_a_second_run_in_a_locked_run_folder_is_refused_until_the_holder_dies(data, capsys):
+    from test_runlock import lock_holder
+
+    config = write_config(data / "locked.yaml", {"train": {"max_steps": 1}})
+    args = ("-c", config, "-e", data / "embedder.pt", "-m", "locked", "-b", data, "--train_dir", data / "train",
+            "--test_dir", data / "test", "--device", "cpu")
+    folder = data / "chkpt" / "locked"
+    with lock_holder(folder) as holder:
+        capsys.readouterr()
+        assert cli(*args) == 2
+        line = _one_error_line(capsys)
+        assert line.startswith(f"error: {folder} is in use by another run (process {holder.pid} on ")
+        assert line.endswith("choose another -m")
+        os.kill(holder.pid, signal.SIGSTOP)  # stopped, not dead: it would go on writing once continued
+        assert cli(*args) == 2 and _one_error_line(capsys) == line
+        proc = subprocess.run([sys.executable, str(ROOT / "trainer.py"), *map(str, args)], capture_output=True,
+                              text=True, cwd=ROOT, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [line], proc.stderr[-2000:]
+        assert not (data / "logs" / "locked").exists()  # a refused run writes no log
+        os.kill(holder.pid, signal.SIGKILL)  # the kernel drops a dead process's lock
+        holder.wait(timeout=30)
+        assert cli(*args) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["best.pt", "chkpt_1.pt", "config.yaml"]
+
+
+@pytest.mark.parametrize("name", ["../../victim", "", "a/b", "..", ".", " "])
+def test_run_name_must_be_one_plain_folder_name(data, tmp_path, capsys, name):
+    config = write_config(tmp_path / "c.yaml")
+    base = tmp_path / "one" / "two"
+    base.mkdir(parents=True)
+    assert cli("-c", config, "-e", data / "embedder.pt", "-m", name, "-b", base, "--train_dir", data / "train",
+               "--test_dir", data / "test", "--device", "cpu", "--overwrite") == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f"error: -m {name!r} is not a run name: give one plain folder name")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["c.yaml", "one", "two"]  # nothing made, in or out
+
+
+def test_a_folder_given_as_a_checkpoint_says_so(learning_run, capsys):
+    config = write_config(learning_run / "folder.yaml")
+    folder = learning_run / "chkpt" / "learn"
+    for flag in ("--checkpoint_path", "--init_from"):
+        assert cli("-c", config, "-e", learning_run / "embedder.pt", "-m", "from-folder", "-b", learning_run,
+                   "--train_dir", learning_run / "train", "--test_dir", learning_run / "test", "--device", "cpu",
+                   flag, folder) == 2
+        assert _one_error_line(capsys) == (f"error: {flag} {folder} is a folder, not a checkpoint: give a checkpoint "
+                                           f"file (chkpt_STEP.pt), e.g. {folder / 'chkpt_40.pt'}")
+    assert not (learning_run / "chkpt" / "from-folder").exists()
+
+
+def test_a_run_refused_at_its_start_creates_nothing(data, tmp_path, capsys):
+    config = write_config(tmp_path / "c.yaml")
+    base = tmp_path / "base"
+    common = ("-c", config, "-e", data / "embedder.pt", "-m", "refused", "-b", base, "--device", "cpu")
+    assert cli(*common, "--train_dir", data / "train", "--test_dir", tmp_path / "nope") == 2
+    assert "data.test_dir folder not found" in _one_error_line(capsys)
+    assert cli(*common, "--train_dir", data / "train", "--test_dir", data / "test",
+               "--checkpoint_path", tmp_path / "absent.pt") == 2
+    assert "checkpoint not found" in _one_error_line(capsys)
+    assert not base.exists()
+    # a failure after the start (an embedder that cannot be read) keeps the log that tells of it
+    assert cli(*common, "--train_dir", data / "train", "--test_dir", data / "test", "-e", tmp_path / "absent.pt") == 2
+    assert not (base / "chkpt" / "refused").exists()
+    assert "embedder file not found" in next((base / "logs" / "refused").glob("refused-*.log")).read_text()
+
+
+@pytest.fixture
+def scripted_sdr(monkeypatch):
+    """Validation scores chosen per step (the real validation runs; its median SDR is replaced),
+    so that the best step is known: 3 dB at step 2, 5 dB at step 4 (the best), 4 dB at step 6."""
+    import dataclasses
+
+    from reverse_voicefilter.training import train as train_module
+    from reverse_voicefilter.training.validation import Validator
+
+    scores, now = {2: 3.0, 4: 5.0, 6: 4.0}, {}
+    validate_and_save, validator_call = train_module.validate_and_save, Validator.__call__
+
+    def at_step(run):
+        now["step"] = run.state.step
+        return validate_and_save(run)
+
+    monkeypatch.setattr(train_module, "validate_and_save", at_step)
+    monkeypatch.setattr(Validator, "__call__",
+                        lambda self, model: dataclasses.replace(validator_call(self, model), sdr=scores[now["step"]]))
+    return scores
+
+
+def test_best_pt_after_a_kill_mid_write_equals_the_uninterrupted_runs(data, scripted_sdr):
+    """A SIGKILL while best.pt of step 4 was being written leaves its temporary and either no
+    best.pt (had it been the first) or step 2's. Resumed from chkpt_4.pt, the run ends with the
+    uninterrupted run's best.pt: step 4, its weights and score."""
+    config = write_config(data / "best.yaml", {"train": {"max_steps": 6, "checkpoint_interval": 2}})
+    chkpt = data / "chkpt"
+    assert train(data, "best-straight", config) == 0
+    straight = load_checkpoint(chkpt / "best-straight" / "best.pt")
+    assert straight["step"] == 4 and straight["sdr"] == 5.0
+    assert train(data, "best-cut", config, "--max_steps", "4") == 0
+    for left in ("none", "stale"):
+        folder = chkpt / f"best-{left}"
+        shutil.copytree(chkpt / "best-cut", folder)
+        (folder / "best.pt").unlink()
+        (folder / ".best.pt.k2j_x9ab.tmp.pt").write_bytes(b"half a best.pt")
+        if left == "stale":
+            step2 = load_checkpoint(folder / "chkpt_2.pt")
+            save_checkpoint({"model": step2["model"], "step": 2, "hp_str": step2["hp_str"], "sdr": 3.0,
+                             "embedder": step2["embedder"]}, folder / "best.pt")
+        assert train(data, f"best-{left}", config, "--checkpoint_path", str(folder / "chkpt_4.pt")) == 0
+        best = load_checkpoint(folder / "best.pt")
+        assert (best["step"], best["sdr"]) == (4, 5.0), left
+        assert best["model"].keys() == straight["model"].keys()
+        assert all(torch.equal(best["model"][k], v) for k, v in straight["model"].items()), left
+        assert load_checkpoint(folder / "chkpt_6.pt")["best_sdr"] == 5.0

@@ -5,12 +5,16 @@ The ``ge2e`` section of the config says where the speakers are and how to train
 (config/ge2e-*.yaml); the ``embedder`` section sizes the network. Checkpoints, the
 embedder file ``embedder.pt`` (pass it to trainer.py, inference.py, evaluate.py and
 evaluate_embedder.py with ``-e``) and the run's config go to ``BASE/chkpt/NAME/``,
-TensorBoard events to ``BASE/logs/NAME``. The procedure lives in :mod:`reverse_voicefilter.embedding.train`.
+TensorBoard events to ``BASE/logs/NAME``. Rerunning a finished run is refused: add
+``--checkpoint_path`` to continue it or ``--overwrite`` to start over. One run at a time
+in a run folder (a second is refused while the first lives). The procedure lives in
+:mod:`reverse_voicefilter.embedding.train`.
 """
 import logging
 
 from reverse_voicefilter.core.cli import (
     UserErrorParser,
+    add_bool_flag,
     add_device_flag,
     add_threads_flag,
     apply_threads,
@@ -25,6 +29,9 @@ def build_parser():
     parser.add_argument("-m", "--model", required=True, help="name of the run, used for its checkpoint and log folders")
     parser.add_argument("-b", "--base_dir", default=".", help="root folder of chkpt/ and logs/ (default: .)")
     parser.add_argument("--checkpoint_path", default=None, help="a chkpt_STEP.pt of this run to resume from")
+    add_bool_flag(parser, "--overwrite",
+                  help="start over in a run folder that already holds checkpoints: deletes that run's "
+                       "chkpt_*.pt and embedder.pt (without it such a run is refused)")
     parser.add_argument("--max_steps", type=int, default=None,
                         help="stop at this step (overrides ge2e.max_steps; 0: until interrupted)")
     parser.add_argument("--libri_dir", default=None, help="LibriSpeech root (overrides ge2e.libri_dir)")
@@ -53,7 +60,7 @@ def main(argv=None):
 
     from reverse_voicefilter.embedding.train import run_training  # torch and friends: after the flags are checked
     return run_training(hp, args.model, base_dir=args.base_dir, checkpoint_path=args.checkpoint_path,
-                        device=args.device)
+                        overwrite=args.overwrite, device=args.device)
 
 
 def console():

@@ -4,11 +4,13 @@ The file is the original's dict ``{model, optimizer, step, hp_str}`` plus what
 an exact resume needs (:class:`reverse_voicefilter.training.state.TrainingState` writes it).
 Loading always uses ``weights_only=True``: a checkpoint from the internet cannot
 run code. The second half is the training run's checkpoint folder
-``chkpt/NAME``: ``chkpt_STEP.pt``, ``best.pt`` and ``config.yaml``, how a run
-starts in it (fresh, resumed, or fine-tuned from other weights) and what it
-refuses to overwrite.
+``chkpt/NAME``: ``chkpt_STEP.pt``, ``best.pt`` and ``config.yaml``, what NAME
+may be, how a run starts in it (fresh, resumed, or fine-tuned from other
+weights), what it refuses to overwrite, and how ``best.pt`` is restored after
+a kill.
 """
 import logging
+import os
 import re
 import zipfile
 from pathlib import Path
@@ -29,6 +31,7 @@ LEGACY_TEMPORARY_SUFFIXES = (".pt.tmp", ".yaml.tmp")
 # Where the data lie and when to stop are not hyper-parameters: a resume that changes only
 # these (a moved data folder, a longer run) is not warned about.
 NOT_HYPERPARAMETERS = {"train.max_steps", "data.train_dir", "data.test_dir"}
+_NO_CHECKPOINT, _UNREADABLE = object(), object()  # what came before a checkpoint, for restore_best
 
 
 def save_checkpoint(state, path):
@@ -59,8 +62,7 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
     ``mmap``: map the file instead of reading it (zip-format files; others are read), so that
     only the tensors used are read: inference uses the model, not the optimizer's state."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint not found: {path}")
+    check_checkpoint_file(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True,
                            mmap=bool(mmap) and zipfile.is_zipfile(path))
@@ -71,6 +73,20 @@ def load_checkpoint(path, map_location="cpu", mmap=False):
     if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
         raise UserError(f"{path} is not a VoiceFilter checkpoint (no 'model' state_dict in it)")
     return state
+
+
+def check_checkpoint_file(path, flag=None):
+    """A checkpoint named on the command line is a file: a folder or a missing path is one line
+    saying which (``flag``: the option that named it)."""
+    path = Path(path)
+    named = f"{flag} " if flag else ""
+    if path.is_dir():
+        latest = list(run_checkpoints(path).values())
+        hint = f", e.g. {latest[-1]}" if latest else ""
+        raise UserError(f"{named}{path} is a folder, not a checkpoint: give a checkpoint file (chkpt_STEP.pt){hint}")
+    if not path.is_file():
+        raise UserError(f"{flag + ': ' if flag else ''}checkpoint not found: {path}")
+    return path
 
 
 def state_dict_mismatch(module, state_dict):
@@ -118,27 +134,41 @@ def run_checkpoints(chkpt_dir):
     return dict(sorted(found.items()))
 
 
-def check_run_folder(chkpt_dir, resuming, overwrite):
-    """Refuse to start a run afresh where an earlier run left its checkpoints: its ``best.pt`` and
-    ``config.yaml`` would be overwritten without a word. Resuming, or ``--overwrite``, is fine."""
+def check_run_name(name, flag="-m"):
+    """A run's name is one plain folder name: with a path separator, ``..`` or nothing at all, its
+    checkpoints and logs (and ``--overwrite``'s deletions) would land outside ``-b`` or in
+    ``chkpt/`` itself."""
+    text = str(name)
+    separators = [sep for sep in (os.sep, os.altsep, "/") if sep]
+    if not text.strip() or text in (".", "..") or any(sep in text for sep in separators) or "\0" in text:
+        raise UserError(f"{flag} {text!r} is not a run name: give one plain folder name (no '/', not '.' or '..'); "
+                        f"its chkpt/ and logs/ folders go under -b")
+    return text
+
+
+def check_run_folder(chkpt_dir, resuming, overwrite, product=BEST_NAME):
+    """Refuse to start a run afresh where an earlier run left its checkpoints: its ``product``
+    (``best.pt``, the embedder trainer's ``embedder.pt``) and ``config.yaml`` would be overwritten
+    without a word, and its later checkpoints left beside the new run's. Resuming, or
+    ``--overwrite``, is fine."""
     chkpt_dir = Path(chkpt_dir)
     checkpoints = run_checkpoints(chkpt_dir)
-    if resuming or overwrite or not (checkpoints or (chkpt_dir / BEST_NAME).is_file()):
+    if resuming or overwrite or not (checkpoints or (chkpt_dir / product).is_file()):
         return
     if checkpoints:
         step, latest = next(reversed(checkpoints.items()))
         raise UserError(f"{chkpt_dir} already holds the checkpoints of an earlier run (the latest: step {step}); "
                         f"to continue it add --checkpoint_path {latest}, or pass --overwrite to start over "
-                        f"(deleting its checkpoints and best.pt)")
-    raise UserError(f"{chkpt_dir} already holds the best.pt of an earlier run; pass --overwrite to start over "
+                        f"(deleting its checkpoints and {product})")
+    raise UserError(f"{chkpt_dir} already holds the {product} of an earlier run; pass --overwrite to start over "
                     f"(deleting it)")
 
 
-def clear_earlier_run(chkpt_dir, keep=None):
-    """``--overwrite``: delete the earlier run's ``chkpt_STEP.pt`` files and ``best.pt`` (not ``keep``,
-    the checkpoint this run starts from, should it lie there), so the folder holds only this run."""
+def clear_earlier_run(chkpt_dir, keep=None, product=BEST_NAME):
+    """``--overwrite``: delete the earlier run's ``chkpt_STEP.pt`` files and ``product`` (not ``keep``,
+    the file this run starts from, should it lie there), so the folder holds only this run."""
     chkpt_dir = Path(chkpt_dir)
-    doomed = [*run_checkpoints(chkpt_dir).values(), chkpt_dir / BEST_NAME]
+    doomed = [*run_checkpoints(chkpt_dir).values(), chkpt_dir / product]
     removed = []
     for path in doomed:
         if path.is_file() and not (keep and Path(keep).is_file() and path.samefile(keep)):
@@ -164,6 +194,77 @@ def save_best(chkpt_dir, state):
     """``best.pt``: weights, step, config and median SDR of the best validation so far."""
     return save_checkpoint({"model": state.model.state_dict(), "step": state.step, "hp_str": state.hp_str,
                             "sdr": state.best_sdr, "embedder": state.embedder}, Path(chkpt_dir) / BEST_NAME)
+
+
+def restore_best(chkpt_dir, state, first_validation):
+    """After a resume: ``best.pt`` in ``chkpt_dir`` holds the best score ``state`` carries.
+
+    A run killed while writing ``best.pt``, or between a checkpoint and ``best.pt``, leaves an
+    older ``best.pt`` or none, while its checkpoints carry the new score. The score stays, and
+    ``best.pt`` is written again from the run's checkpoint of the best step: the first
+    ``chkpt_STEP.pt`` holding that score (a checkpoint and ``best.pt`` of one step hold the same
+    weights). Without that checkpoint here (another run's checkpoint, or one deleted), the
+    score becomes the one ``best.pt`` holds, or starts afresh without a ``best.pt``, so that
+    ``best.pt`` is never left behind a score nothing can beat. A ``best.pt`` from beyond this
+    checkpoint (resuming from an earlier one) stays until beaten.
+    ``first_validation``: the step of a run's first validation (its checkpoint interval).
+    """
+    if state.best_sdr is None:
+        return state
+    best_path = Path(chkpt_dir) / BEST_NAME
+    best = _read_best(best_path)
+    if best is not None and (best.get("sdr") == state.best_sdr or int(best.get("step") or 0) > state.step):
+        return state
+    found = _best_step_checkpoint(chkpt_dir, state.best_sdr, state.step, first_validation)
+    if found:
+        step, ckpt = found
+        save_checkpoint({"model": ckpt["model"], "step": step, "hp_str": ckpt.get("hp_str"), "sdr": state.best_sdr,
+                         "embedder": ckpt.get("embedder")}, best_path)
+        logger.warning("%s %s: written again from chkpt_%d.pt (median SDR %.2f dB), the best step of the run "
+                       "(an interrupted write?)", best_path, "was missing" if best is None else
+                       f"held step {best.get('step')}", step, state.best_sdr)
+    elif best is not None and best.get("sdr") is not None:
+        logger.info("%s holds step %s (median SDR %.2f dB): the best score is that, not the checkpoint's %.2f dB",
+                    best_path, best.get("step"), best["sdr"], state.best_sdr)
+        state.best_sdr = float(best["sdr"])
+    else:
+        # another run's checkpoint (or a moved one): its best score belongs to its own best.pt
+        logger.info("%s holds no best.pt yet: the best score starts afresh (the checkpoint's was %.2f dB)",
+                    chkpt_dir, state.best_sdr)
+        state.best_sdr = None
+    return state
+
+
+def _read_best(path):
+    """``best.pt``'s dict, or None when missing or unreadable."""
+    if not Path(path).is_file():
+        return None
+    try:
+        return load_checkpoint(path, mmap=True)
+    except UserError as err:
+        logger.warning("%s", err)
+        return None
+
+
+def _best_step_checkpoint(chkpt_dir, best_sdr, up_to, first_validation):
+    """``(step, checkpoint)`` of the run's checkpoint where the best score ``best_sdr`` was reached:
+    the first one here holding it, at most ``up_to``, whose predecessor here holds another score;
+    with no predecessor only at the run's first validation (earlier checkpoints may have been
+    deleted, and a later one holding the score has later weights). None when there is none."""
+    before = _NO_CHECKPOINT
+    for step, path in run_checkpoints(chkpt_dir).items():
+        if step > up_to:
+            break
+        try:
+            held = load_checkpoint(path, mmap=True)
+        except UserError:
+            before = _UNREADABLE
+            continue
+        if held.get("best_sdr") == best_sdr:
+            reached_here = step <= first_validation if before is _NO_CHECKPOINT else before is not _UNREADABLE
+            return (step, held) if reached_here else None
+        before = held.get("best_sdr")
+    return None
 
 
 def config_changes_or_none(old_hp_str, hp):

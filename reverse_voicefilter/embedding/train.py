@@ -1,10 +1,12 @@
 """The procedure behind ``embedder_trainer.py``: GE2E training of a speaker encoder.
 
-Reads top to bottom: config checks, folders, speakers (:mod:`reverse_voicefilter.embedding.data`), network and
-loss, optimizer, resume, then the loop of :func:`train_step` with TensorBoard summaries and,
-every ``ge2e.checkpoint_interval`` steps, the validation EER on held-out speakers
-(:func:`reverse_voicefilter.embedding.eer.evaluate_trials`, the function evaluate_embedder.py uses), a training
-checkpoint ``chkpt_STEP.pt`` and the embedder file ``embedder.pt``, all written atomically.
+Reads top to bottom: config checks, speakers (:mod:`reverse_voicefilter.embedding.data`), the run's
+folders (locked against a second run, see :mod:`reverse_voicefilter.core.runlock`; an earlier run's
+files are refused unless ``--overwrite``), network and loss, optimizer, resume, then the loop of
+:func:`train_step` with TensorBoard summaries and, every ``ge2e.checkpoint_interval`` steps, the
+validation EER on held-out speakers (:func:`reverse_voicefilter.embedding.eer.evaluate_trials`, the
+function evaluate_embedder.py uses), a training checkpoint ``chkpt_STEP.pt`` and the embedder file
+``embedder.pt``, all written atomically.
 
 ``embedder.pt`` is what ``-e`` reads: for the original architecture the original's bare
 state_dict (``lstm.*``, ``proj.linear_layer.*``), for the resemblyzer architecture
@@ -12,6 +14,7 @@ resemblyzer's ``{step, model_state}`` file. A run resumed from ``chkpt_STEP.pt``
 bit for bit (on CPU) as if never stopped: the batch of each step depends only on the seed and
 the step, and the checkpoint holds the network, the loss's w and b, and Adam's moments.
 """
+import contextlib
 import copy
 import itertools
 import logging
@@ -27,10 +30,18 @@ from tqdm import tqdm
 
 from reverse_voicefilter.core.atomic import remove_stale_temporaries, save_torch, write_text
 from reverse_voicefilter.core.audio import Audio, load_wav
-from reverse_voicefilter.core.checkpoint import load_checkpoint, load_model_weights
-from reverse_voicefilter.core.cli import check_writable_dir, pick_device
+from reverse_voicefilter.core.checkpoint import (
+    check_checkpoint_file,
+    check_run_folder,
+    check_run_name,
+    clear_earlier_run,
+    load_checkpoint,
+    load_model_weights,
+)
+from reverse_voicefilter.core.cli import new_folders, pick_device
 from reverse_voicefilter.core.errors import TrainingDiverged, UserError
 from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.core.runlock import folder_lock
 from reverse_voicefilter.core.signals import StopSignals, signal_exit_code
 from reverse_voicefilter.embedding.config import ge2e_config_changes
 from reverse_voicefilter.embedding.data import BatchSource, find_training_speakers, utterance_lists
@@ -215,37 +226,52 @@ def resume(run, path):
     logger.info("resumed from %s at step %d", path, run.step)
 
 
-def run_training(hp, name, base_dir=".", checkpoint_path=None, device="auto", progress=True):
-    """Train until ``ge2e.max_steps`` (or a signal); returns the exit status."""
+def run_training(hp, name, base_dir=".", checkpoint_path=None, overwrite=False, device="auto", progress=True):
+    """Train until ``ge2e.max_steps`` (or a signal); returns the exit status.
+
+    ``checkpoint_path`` resumes a run; a new run where an earlier one left its checkpoints or
+    ``embedder.pt`` is refused unless ``overwrite`` (which deletes them) is given.
+    """
+    check_run_name(name, "-m")
+    if checkpoint_path and overwrite:
+        raise UserError("--overwrite starts a run over; to resume with --checkpoint_path leave it out")
     check_config(hp)
     g = hp.ge2e
     device = pick_device(device)
-    chkpt_dir = check_writable_dir(Path(base_dir) / "chkpt" / name, "-b")
-    log_dir = check_writable_dir(Path(base_dir) / "logs" / name, "-b")
-    remove_stale_temporaries(chkpt_dir)
+    if checkpoint_path:
+        check_checkpoint_file(checkpoint_path, "--checkpoint_path")
+    chkpt_dir, log_dir = Path(base_dir) / "chkpt" / name, Path(base_dir) / "logs" / name
 
+    # the speakers before any folder is made: a run refused for its data leaves nothing behind
     train_speakers, val_speakers = find_training_speakers(g)
     crop_samples = g.crop_frames * hp.audio.hop_length
     source = BatchSource(utterance_lists(train_speakers, g.split_long_utterances, crop_samples),
                          g.speakers_per_batch, g.utterances_per_speaker, crop_samples, g.seed,
                          volume_normalize=g.architecture == RESEMBLYZER, cache_audio=g.cache_audio)
     trials = validation_set(hp, val_speakers)
-    logger.info("%d training speakers, %d validation trials", len(source.names), len(trials))
 
-    torch.manual_seed(g.seed)
-    net = build_encoder(hp).to(device)
-    initial_weights(hp, net)
-    loss_fn = GE2ELoss(g.init_w, g.init_b).to(device)
-    optimizer = torch.optim.Adam(list(net.parameters()) + list(loss_fn.parameters()), lr=g.lr)
-    run = Run(hp, net, loss_fn, optimizer, Audio(hp), device, chkpt_dir)
-    if checkpoint_path:
-        resume(run, checkpoint_path)
-    write_text(chkpt_dir / CONFIG_NAME, hp.hp_str)
-    run.writer = SummaryWriter(str(log_dir))
-    try:
+    with contextlib.ExitStack() as cleanup:  # closed in reverse: writer, lock, folders
+        cleanup.enter_context(new_folders(chkpt_dir, log_dir, flag="-b"))
+        cleanup.enter_context(folder_lock(chkpt_dir, "-m"))
+        # under the lock: no other run can pass this check at the same time
+        check_run_folder(chkpt_dir, resuming=bool(checkpoint_path), overwrite=overwrite, product=EMBEDDER_NAME)
+        remove_stale_temporaries(chkpt_dir)
+        logger.info("%d training speakers, %d validation trials", len(source.names), len(trials))
+
+        torch.manual_seed(g.seed)
+        net = build_encoder(hp).to(device)
+        initial_weights(hp, net)
+        loss_fn = GE2ELoss(g.init_w, g.init_b).to(device)
+        optimizer = torch.optim.Adam(list(net.parameters()) + list(loss_fn.parameters()), lr=g.lr)
+        run = Run(hp, net, loss_fn, optimizer, Audio(hp), device, chkpt_dir)
+        if checkpoint_path:
+            resume(run, checkpoint_path)
+        if overwrite:  # after ge2e.init was read, which may be this folder's embedder.pt
+            clear_earlier_run(chkpt_dir, keep=g.init or None, product=EMBEDDER_NAME)
+        write_text(chkpt_dir / CONFIG_NAME, hp.hp_str)
+        run.writer = SummaryWriter(str(log_dir))
+        cleanup.callback(run.writer.close)
         return _loop(run, source, trials, progress)
-    finally:
-        run.writer.close()
 
 
 def _loop(run, source, trials, progress):

@@ -1,7 +1,7 @@
 """Several processes, one run: DistributedDataParallel under ``torchrun``.
 
 Without torchrun everything here is a no-op for rank 0 of 1, so the training
-code reads the same either way. Rank 0 validates, logs and writes checkpoints;
+code reads the same either way. Rank 0 validates, logs, writes checkpoints and holds the run folder's lock;
 the others wait at :func:`barrier`.
 """
 import os
@@ -32,12 +32,6 @@ class Dist:
     @property
     def active(self):
         return torch_dist.is_available() and torch_dist.is_initialized()
-
-
-def is_main_process():
-    """Whether this process is rank 0, known before the process group exists (from torchrun's
-    environment), so checks that must come before any compute run once."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def setup_distributed(device_name):

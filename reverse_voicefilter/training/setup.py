@@ -3,13 +3,14 @@ need no compute, the backends, the data (precomputed or mixed on the fly), the t
 (fresh, resumed or fine-tuned), and the run's logging."""
 import contextlib
 import logging
+import logging.handlers
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from reverse_voicefilter.core.checkpoint import BEST_NAME, init_weights, resume
+from reverse_voicefilter.core.checkpoint import check_checkpoint_file, init_weights, restore_best, resume
 from reverse_voicefilter.core.errors import UserError
 from reverse_voicefilter.core.precision import check_precision
 from reverse_voicefilter.data.dataloader import build_dataset, create_dataloader
@@ -36,8 +37,8 @@ def check_settings(hp, device, checkpoint_path=None, init_from=None):
     train_dir = _check_data_dir(hp, "train_dir") if hp.data.mixing == "precomputed" else _check_online(hp)
     folders = train_dir, _check_data_dir(hp, "test_dir")
     for flag, path in (("--checkpoint_path", checkpoint_path), ("--init_from", init_from)):
-        if path and not Path(path).is_file():
-            raise UserError(f"{flag}: checkpoint not found: {path}")
+        if path:
+            check_checkpoint_file(path, flag)
     return folders
 
 
@@ -129,11 +130,8 @@ def make_state(hp, dist, embedder_name, batches_per_epoch, checkpoint_path=None,
     if checkpoint_path:
         logger.info("Resuming from checkpoint: %s", checkpoint_path)
         resume(checkpoint_path, state, hp)
-        if state.best_sdr is not None and chkpt_dir is not None and not (Path(chkpt_dir) / BEST_NAME).is_file():
-            # another run's checkpoint (or a moved one): its best score belongs to its own best.pt
-            logger.info("%s holds no best.pt yet: the best score starts afresh (the checkpoint's was %.2f dB)",
-                        chkpt_dir, state.best_sdr)
-            state.best_sdr = None
+        if dist.is_main and chkpt_dir is not None:
+            restore_best(chkpt_dir, state, first_validation=hp.train.checkpoint_interval)
     elif init_from:
         init_weights(init_from, state)
     else:
@@ -141,35 +139,59 @@ def make_state(hp, dist, embedder_name, batches_per_epoch, checkpoint_path=None,
     return state
 
 
-def setup_run_logging(log_dir, name, is_main):
-    """Console + ``log_dir/NAME-TIME.log`` on rank 0 (warnings only on other ranks).
-    Returns a function that removes the handlers again."""
-    root = logging.getLogger()
-    old_level = root.level
-    fmt = logging.Formatter(LOG_FORMAT)
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(fmt)
-    handlers = [console]
-    file_logger = logging.getLogger(FILE_LOGGER)
-    file_logger.propagate = False
-    if is_main:
+class RunLogging:
+    """The run's logging: the console from the start; on rank 0 the file ``log_dir/NAME-TIME.log``
+    from :meth:`open_file` on, with all that was logged before it. A run refused before it opens
+    the file leaves no log behind. Other ranks log warnings only. :meth:`close` undoes it all."""
+
+    def __init__(self, is_main):
+        self.root = logging.getLogger()
+        self.old_level = self.root.level
+        self.formatter = logging.Formatter(LOG_FORMAT)
+        console = logging.StreamHandler(sys.stderr)
+        console.setFormatter(self.formatter)
+        self.file_logger = logging.getLogger(FILE_LOGGER)
+        self.file_logger.propagate = False
+        self.handlers = [console]
+        # what is logged before the file exists waits here (flushLevel above CRITICAL: only open_file flushes)
+        self.pending = logging.handlers.MemoryHandler(10_000, flushLevel=logging.CRITICAL + 1) if is_main else None
+        if self.pending:
+            self.file_logger.addHandler(self.pending)
+            self.root.addHandler(self.pending)
+        self.root.addHandler(console)
+        self.root.setLevel(logging.INFO if is_main else logging.WARNING)  # (tqdm's redirect drops handler levels)
+
+    def open_file(self, log_dir, name):
+        """Start the log file (rank 0) with the records so far; returns its path (None elsewhere)."""
+        if self.pending is None:
+            return None
         log_dir.mkdir(parents=True, exist_ok=True)
         log_file = log_dir / f"{name}-{time.strftime('%Y-%m-%d_%H-%M-%S')}.log"
         file_handler = logging.FileHandler(log_file)
-        file_handler.setFormatter(fmt)
-        handlers.append(file_handler)
-        file_logger.addHandler(file_handler)
-    for handler in handlers:
-        root.addHandler(handler)
-    root.setLevel(logging.INFO if is_main else logging.WARNING)  # (tqdm's redirect drops handler levels)
+        file_handler.setFormatter(self.formatter)
+        self.pending.setTarget(file_handler)
+        self.pending.flush()
+        self._drop_pending()
+        self.root.addHandler(file_handler)
+        self.file_logger.addHandler(file_handler)
+        self.handlers.append(file_handler)
+        return log_file
 
-    def restore():
-        for handler in handlers:
-            root.removeHandler(handler)
-            file_logger.removeHandler(handler)
+    def _drop_pending(self):
+        if self.pending is not None:
+            self.root.removeHandler(self.pending)
+            self.file_logger.removeHandler(self.pending)
+            self.pending.setTarget(None)  # a file never opened: its records go nowhere
+            self.pending.close()
+            self.pending = None
+
+    def close(self):
+        self._drop_pending()
+        for handler in self.handlers:
+            self.root.removeHandler(handler)
+            self.file_logger.removeHandler(handler)
             handler.close()
-        root.setLevel(old_level)
-    return restore
+        self.root.setLevel(self.old_level)
 
 
 @contextlib.contextmanager

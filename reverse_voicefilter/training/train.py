@@ -1,7 +1,8 @@
 """The training procedure behind ``trainer.py``.
 
-:func:`run_training` reads top to bottom as the procedure: checks that need no
-compute (flags, folders, data, checkpoint), device (and DDP under torchrun),
+:func:`run_training` reads top to bottom as the procedure: device (and DDP under
+torchrun), the checks that need no compute (flags, run name, data, checkpoint),
+then the run's folders, locked against a second run (:mod:`reverse_voicefilter.core.runlock`),
 logging, data (d-vectors from the cache), the :class:`TrainingState` (model,
 optimizer, grad scaler, position, best score: fresh, resumed or fine-tuned),
 then :func:`train_loop`: :func:`train_step`, summaries, and every
@@ -29,6 +30,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from reverse_voicefilter.core.audio import Audio
 from reverse_voicefilter.core.checkpoint import (
     check_run_folder,
+    check_run_name,
     checkpoint_file,
     clear_earlier_run,
     remove_interrupted_writes,
@@ -36,19 +38,20 @@ from reverse_voicefilter.core.checkpoint import (
     save_checkpoint,
     write_config_copy,
 )
-from reverse_voicefilter.core.cli import apply_threads, check_writable_dir
+from reverse_voicefilter.core.cli import apply_threads, new_folders
 from reverse_voicefilter.core.errors import UserError
+from reverse_voicefilter.core.runlock import folder_lock
 from reverse_voicefilter.core.signals import StopSignals, signal_exit_code
 from reverse_voicefilter.data.dataloader import create_dataloader
-from reverse_voicefilter.training.distributed import Dist, barrier, is_main_process, setup_distributed, sync_step, wrap
+from reverse_voicefilter.training.distributed import Dist, barrier, setup_distributed, sync_step, wrap
 from reverse_voicefilter.training.schedule import apply_schedule
 from reverse_voicefilter.training.setup import (
+    RunLogging,
     check_settings,
     configure_backends,
     load_data,
     log_failures,
     make_state,
-    setup_run_logging,
 )
 from reverse_voicefilter.training.state import TrainingState, seed_everything
 from reverse_voicefilter.training.steps import check_loss, make_loss, train_step
@@ -84,6 +87,7 @@ def run_training(hp, name, base_dir=".", embedder="resemblyzer", checkpoint_path
     ``checkpoint_path`` resumes a run; ``init_from`` starts a new one from another run's
     weights (fine-tuning); ``overwrite`` starts over where an earlier run left checkpoints.
     """
+    check_run_name(name, "-m")
     if checkpoint_path and init_from:
         raise UserError("--init_from starts a new run from a checkpoint's weights, --checkpoint_path resumes one: "
                         "pass one of them")
@@ -91,30 +95,33 @@ def run_training(hp, name, base_dir=".", embedder="resemblyzer", checkpoint_path
         raise UserError("--overwrite starts a run over; to resume with --checkpoint_path leave it out")
     base_dir = Path(base_dir)
     chkpt_dir, log_dir = base_dir / hp.log.chkpt_dir / name, base_dir / hp.log.log_dir / name
-    if is_main_process():  # before any compute, and before the log file opens
-        check_run_folder(chkpt_dir, resuming=bool(checkpoint_path), overwrite=overwrite)
-        for folder in (chkpt_dir, log_dir):
-            check_writable_dir(folder, "-b")
     dist = setup_distributed(device)
     device = dist.device
-    with contextlib.ExitStack() as cleanup:  # closed in reverse: writer, process group, failure log, handlers
-        cleanup.callback(setup_run_logging(log_dir, name, dist.is_main))
-        cleanup.enter_context(log_failures())
+    with contextlib.ExitStack() as cleanup:  # closed in reverse: writer, lock, folders, failure log, logging, group
         if dist.active:
             cleanup.callback(torch_dist.destroy_process_group)
+        run_log = RunLogging(dist.is_main)
+        cleanup.callback(run_log.close)
+        cleanup.enter_context(log_failures())
+        # what needs no compute is checked before anything is created: a refused run leaves nothing
+        train_dir, test_dir = check_settings(hp, device, checkpoint_path=checkpoint_path, init_from=init_from)
+        if dist.is_main:  # the one process that writes in the run's folders
+            cleanup.enter_context(new_folders(chkpt_dir, log_dir, flag="-b"))
+            cleanup.enter_context(folder_lock(chkpt_dir, "-m"))
+            # under the lock: no other run can pass this check at the same time
+            check_run_folder(chkpt_dir, resuming=bool(checkpoint_path), overwrite=overwrite)
+            run_log.open_file(log_dir, name)
+            remove_interrupted_writes(chkpt_dir)
         apply_threads(threads, logger)
         if hp.train.keep_freed_memory and device.type == "cpu":
             # before the first activation is allocated
             from reverse_voicefilter.core.allocator import reuse_freed_memory
 
             logger.info("freed memory kept for reuse (train.keep_freed_memory): %s", reuse_freed_memory())
-        train_dir, test_dir = check_settings(hp, device, checkpoint_path=checkpoint_path, init_from=init_from)
         logger.info("training %s on %s (%d process(es)), precision %s", name, device, dist.world_size,
                     hp.train.precision)
         configure_backends(device)
         seed_everything(hp.train.seed)
-        if dist.is_main:
-            remove_interrupted_writes(chkpt_dir)
 
         # data: precomputed folders (d-vectors cached next to the data) or mixed on the fly
         train_loader, test_set, embedder_name = load_data(hp, dist, embedder, train_dir, test_dir, progress,
