@@ -1,0 +1,50 @@
+"""The thread count and wait policy chosen for a core count and a load (core/threads.py)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from reverse_voicefilter.core import threads
+from reverse_voicefilter.core.errors import UserError
+
+
+@pytest.mark.parametrize("cores, busy, expected", [
+    (2, 0.0, 2), (2, 0.3, 2), (2, 0.6, 1), (2, 1.0, 1), (2, 1.9, 1), (2, 2.0, 1),
+    (16, 0.0, 16), (16, 3.2, 13), (16, 12.5, 3), (16, 16.0, 1), (1, 0.9, 1),
+])
+def test_the_count_is_the_cores_other_processes_leave(cores, busy, expected):
+    choice = threads.choose(cores, busy)
+    assert choice.threads == expected and choice.passive
+    assert ("idle" in choice.reason) == (busy < threads.BUSY_THRESHOLD)
+
+
+def test_threads_flag_and_environment_override_the_load():
+    assert threads.choose(2, 1.8, requested=2) == threads.ThreadChoice(2, True, "--threads")
+    assert threads.choose(16, 0.0, env_threads="4").threads == 4
+    assert threads.choose(16, 0.0, requested=3, env_threads="4").threads == 3   # the flag wins
+    assert threads.choose(16, 0.0, env_threads="many").threads == 16           # unreadable: ignored
+    assert not threads.choose(2, 0.0, env_wait="active").passive               # the user's wait policy stays
+    assert threads.choose(2, 0.0, env_wait="PASSIVE").passive
+
+
+def test_configure_refuses_zero_and_sets_the_wait_policy_for_torch(monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    with pytest.raises(UserError, match="--threads must be at least 1, got 0"):
+        threads.configure(0)
+    choice = threads.configure(1)
+    assert choice.threads == 1 and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_a_command_logs_what_it_chose_and_why(tmp_path):
+    """The choice is made before torch loads (its OpenMP reads the wait policy then) and logged."""
+    code = ("import os; from reverse_voicefilter.core import threads; threads.configure(None); import torch, logging; "
+            "logging.basicConfig(level=logging.INFO); n = threads.apply(); "
+            "print(n, torch.get_num_threads(), os.environ['OMP_WAIT_POLICY'])")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    n, torch_n, policy = done.stdout.split()
+    assert n == torch_n and policy == "PASSIVE" and 1 <= int(n) <= os.cpu_count()
+    assert "CPU thread(s) (" in done.stderr and "idle threads sleep" in done.stderr
