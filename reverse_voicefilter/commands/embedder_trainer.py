@@ -21,6 +21,7 @@ from reverse_voicefilter.core.cli import (
     setup_console_logging,
 )
 from reverse_voicefilter.core.errors import UserError, run_cli
+from reverse_voicefilter.core.threads import configure as configure_threads
 
 
 def build_parser():
@@ -44,6 +45,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    configure_threads(args.threads)  # before torch loads: its OpenMP reads the wait policy then
     setup_console_logging()
     from reverse_voicefilter.embedding.config import load_ge2e_config  # yaml and utils only: no torch yet
 

@@ -29,6 +29,7 @@ from reverse_voicefilter.core.cli import (
 from reverse_voicefilter.core.errors import UserError, run_cli
 from reverse_voicefilter.core.hparams import HParam
 from reverse_voicefilter.core.runlock import folder_lock
+from reverse_voicefilter.core.threads import configure as configure_threads
 from reverse_voicefilter.separation.options import (
     BATCH_SIZE,
     DEFAULT_FACTOR,
@@ -76,6 +77,7 @@ LEGACY_TEMPORARIES = (".json.tmp", ".csv.tmp")
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    configure_threads(args.threads)  # before torch loads: its OpenMP reads the wait policy then
     setup_console_logging(logging.INFO if args.verbose else logging.WARNING)
     log = logging.getLogger("evaluate")
     hp = HParam(args.config) if args.config else None  # else the checkpoint's, once torch is loaded

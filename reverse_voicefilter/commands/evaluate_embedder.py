@@ -23,6 +23,7 @@ from reverse_voicefilter.core.cli import (
 )
 from reverse_voicefilter.core.errors import UserError, run_cli
 from reverse_voicefilter.core.hparams import DEFAULT_CONFIG
+from reverse_voicefilter.core.threads import configure as configure_threads
 from reverse_voicefilter.embedding.config import load_ge2e_config
 
 logger = logging.getLogger("evaluate_embedder")
@@ -68,6 +69,7 @@ def folder_speakers(folder, pattern, limit):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    configure_threads(args.threads)  # before torch loads: its OpenMP reads the wait policy then
     setup_console_logging()
     for flag in ("utterances", "sample"):
         if getattr(args, flag) < 0:

@@ -11,6 +11,7 @@ starts a new run from another run's weights. ``--libri_dir ROOT`` (or
 from reverse_voicefilter.core.cli import UserErrorParser, add_bool_flag, add_device_flag, add_threads_flag
 from reverse_voicefilter.core.errors import run_cli
 from reverse_voicefilter.core.hparams import HParam
+from reverse_voicefilter.core.threads import configure as configure_threads
 
 
 def build_parser():
@@ -49,6 +50,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    configure_threads(args.threads)  # before torch loads: its OpenMP reads the wait policy then
     hp = HParam(args.config)
     if args.max_steps is not None:
         hp.train.max_steps = args.max_steps

@@ -100,20 +100,17 @@ def setup_console_logging(level=logging.INFO):
 
 def add_threads_flag(parser):
     parser.add_argument("--threads", type=int, default=None, metavar="N",
-                        help="CPU threads for torch (default: torch's choice, one per core, or OMP_NUM_THREADS). "
-                             "On a machine shared with other jobs fewer threads can be much faster: try 1")
+                        help="CPU threads for torch (default: OMP_NUM_THREADS, else the cores that other processes "
+                             "leave free at start, with idle threads sleeping rather than spinning)")
 
 
 def apply_threads(threads, log=None):
-    """Set torch's intra-op thread count (``--threads``; None keeps torch's default) and say how
-    many are used, so a slow run on a loaded machine shows why. Returns the count in effect."""
-    import torch
+    """Set torch's intra-op thread count and say how many are used and why (core.threads: ``--threads``,
+    else OMP_NUM_THREADS, else the cores other processes leave free), so a slow run on a loaded
+    machine shows why. The choice is made by :func:`~reverse_voicefilter.core.threads.configure`, which
+    the commands call before torch loads; made here where they did not. Returns the count in effect."""
+    from reverse_voicefilter.core import threads as thread_choice
 
-    if threads is not None:
-        if threads < 1:
-            raise UserError(f"--threads must be at least 1, got {threads}")
-        torch.set_num_threads(threads)
-    count = torch.get_num_threads()
-    (log or logging.getLogger(__name__)).info(
-        "using %d CPU thread(s)%s", count, "" if threads is not None else " (--threads N to change)")
-    return count
+    if thread_choice.current() is None or thread_choice.current().requested != threads:
+        thread_choice.configure(threads)
+    return thread_choice.apply(log)

@@ -30,6 +30,7 @@ class ThreadChoice:
     threads: int
     passive: bool
     reason: str
+    requested: int | None = None  # the --threads it was made for
 
 
 def choose(cores, busy, requested=None, env_threads=None, env_wait=None):
@@ -81,8 +82,14 @@ def configure(requested=None):
     env_threads, env_wait = os.environ.get("OMP_NUM_THREADS"), os.environ.get("OMP_WAIT_POLICY")
     measured = requested is None and not env_threads
     _choice = choose(usable_cores(), busy_cores() if measured else 0.0, requested, env_threads, env_wait)
+    _choice = ThreadChoice(_choice.threads, _choice.passive, _choice.reason, requested)
     if _choice.passive and env_wait is None:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    return _choice
+
+
+def current():
+    """The choice made by :func:`configure` in this process (None before)."""
     return _choice
 
 
