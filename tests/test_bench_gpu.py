@@ -144,22 +144,30 @@ def test_gpu_stages_run_the_cuda_variants_and_write_into_the_output_folder(tmp_p
         assert stage.cmd[stage.cmd.index("--device") + 1] == "cuda"
         assert stage.cmd[stage.cmd.index("--json") + 1] == str(out / stage.result)
     assert inference.cmd[inference.cmd.index("--data") + 1] == str(tmp_path / "payload" / "librispeech-mini")
-    # every earlier limit reached still leaves the quality stage 3 minutes of training and time to score
-    assert sum(run.LIMITS.values()) + 3 * 60 + 60 < args.stop_minutes * 60 < 600
+    # every stage at its limit fits the run's time, the quality stage with at least 6 of its minutes
+    assert sum(run.LIMITS.values()) + args.quality_minutes * 60 < args.stop_minutes * 60 < 600
+    assert args.quality_minutes >= 6
 
 
-def test_quality_stage_trains_for_what_remains_and_at_least_the_minimum(tmp_path):
-    args = _args(tmp_path)
-    stage = run.quality_stage(args, tmp_path / "out", seconds_left=330, stop_left=375)
+def test_quality_stage_trains_for_its_minutes_less_the_reserve_with_loader_workers(tmp_path):
+    args = _args(tmp_path, "--jobs", "14")
+    stage = run.quality_stage(args, tmp_path / "out")
     cmd = stage.cmd
-    assert cmd[cmd.index("--minutes") + 1] == "4"  # (330 - 90) / 60
+    assert cmd[cmd.index("--minutes") + 1] == "4.7"  # (360 - 75) / 60, down to a tenth
     assert cmd[cmd.index("--size") + 1] == "default" and cmd[cmd.index("--precision") + 1] == "bf16"
-    assert stage.limit_s == 375
-    late = run.quality_stage(args, tmp_path / "out", seconds_left=100, stop_left=145)
-    assert late.cmd[late.cmd.index("--minutes") + 1] == "3"
-    assert late.limit_s == 3 * 60 + run.GRACE_S  # training is never cut short
-    quick = run.quality_stage(_args(tmp_path, "--device", "cpu", "--quick"), tmp_path / "out", 0, 0)
+    assert cmd[cmd.index("--batch_size") + 1] == "32" and cmd[cmd.index("--workers") + 1] == "14"
+    assert stage.limit_s == 360
+    quick = run.quality_stage(_args(tmp_path, "--device", "cpu", "--quick"), tmp_path / "out")
     assert "--quick" in quick.cmd and "--minutes" not in quick.cmd
+
+
+def test_the_quality_stage_runs_first_after_the_install(tmp_path, monkeypatch):
+    order = []
+    monkeypatch.setattr(run, "run_stage", lambda stage, log, env: order.append(stage.name) or (0, 0.0, False))
+    run_cli_exit = pytest.raises(SystemExit)
+    with run_cli_exit:
+        run_cli(run.main, [str(tmp_path / "out"), "--work", str(tmp_path / "work"), "--payload", str(tmp_path)])
+    assert order == ["install", "quality", "train", "inference"]
 
 
 def test_a_stage_over_its_limit_is_stopped_with_its_children(tmp_path):
@@ -183,8 +191,8 @@ def test_a_failing_stage_is_logged_and_the_next_one_still_runs(tmp_path, monkeyp
     monkeypatch.setattr(run, "install_stage", lambda args, out: run.Stage("install", [PY, "-c", "exit(3)"], 10))
     monkeypatch.setattr(run, "bench_stages", lambda args, out: [
         run.Stage("train", [PY, "-c", f"open({str(out / 'train.json')!r}, 'w').write('{{}}')"], 10, "train.json")])
-    monkeypatch.setattr(run, "quality_stage", lambda args, out, left, stop: run.Stage("quality", [PY, "-c", "pass"],
-                                                                                      10, "quality.json"))
+    monkeypatch.setattr(run, "quality_stage", lambda args, out: run.Stage("quality", [PY, "-c", "pass"], 10,
+                                                                         "quality.json"))
     out.mkdir()
     (out / "quality.json").write_text("an earlier run's")
     with pytest.raises(SystemExit) as exit_info:
@@ -192,7 +200,7 @@ def test_a_failing_stage_is_logged_and_the_next_one_still_runs(tmp_path, monkeyp
     assert exit_info.value.code == 1
     summary = json.loads((out / "summary.json").read_text())
     assert [(s["name"], s["exit"], s["result_written"]) for s in summary["stages"]] == [
-        ("install", 3, False), ("train", 0, True), ("quality", 0, False)]
+        ("install", 3, False), ("quality", 0, False), ("train", 0, True)]
     assert "failed: install" in (out / "run.log").read_text()
 
 

@@ -89,6 +89,9 @@ def parse_args(argv=None):
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--threads", type=int, default=0, help="CPU threads of each trainer (default: torch's)")
     p.add_argument("--batch_size", type=int, default=None, help="training batch (default: the size's config)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data loader processes of each trainer (train.num_workers; default: none on a CPU, where "
+                        "they would take the training's cores, up to 8 on a GPU machine)")
     p.add_argument("--channels_last", action="store_true",
                    help="train with train.channels_last (the same model, a faster step on CPUs)")
     p.add_argument("--curve_samples", type=int, default=40, help="test mixtures scored at each curve point")
@@ -136,7 +139,7 @@ def run_config(args, libri_root, test_dir, seed, reverse, recipe):
                  "train_subsets": [quality_data.TRAIN_SUBSET], "test_subsets": [quality_data.TEST_SUBSET],
                  "input_glob": "*.wav", "mixing_seed": seed, "reverse_data": bool(reverse),
                  "epoch_samples": 4000},  # ~600 pieces: larger epochs run out of new triplets,
-        "train": {"seed": seed, "precision": args.precision, "num_workers": 0,
+        "train": {"seed": seed, "precision": args.precision, "num_workers": args.workers,
                   "checkpoint_interval": args.eval_every, "summary_interval": max(1, args.eval_every // 10),
                   # the trainer's own validation only picks best.pt: a few mixtures keep it cheap
                   "validation_samples": min(8, args.curve_samples),
@@ -216,6 +219,8 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     torch_device = common.pick(args.device)
     device = str(torch_device)
+    if args.workers is None:  # on a CPU the loader processes would take the training's cores
+        args.workers = 0 if torch_device.type == "cpu" else max(0, min(8, (os.cpu_count() or 1) - 2))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     info = machine.describe_machine(torch_device)
@@ -224,6 +229,20 @@ def main(argv=None):
                                 jobs=args.jobs)
     print(quality_data.describe(data), flush=True)
     runs = []
+    result = {"machine": info, "size": args.size, "steps": args.steps, "minutes": args.minutes,
+              "precision": args.precision, "batch_size": args.batch_size, "workers": args.workers,
+              "data": {**{k: v for k, v in data.items() if k != "libri_root"}, "test_dir": str(data["test_dir"])},
+              "test_seed": args.test_seed, "curve_samples": args.curve_samples,
+              "final_samples": args.final_samples or data["test_samples"], "runs": runs}
+
+    def publish(partial=None):
+        """quality.json (and --json) now: the finished runs, and the running one's curve so far, so a
+        run stopped at its time limit still returns its figures."""
+        text = json_text({**result, "finished": partial is None, "running": partial})
+        write_text(out / "quality.json", text)
+        if args.json:
+            write_text(Path(args.json), text)
+
     for recipe in args.recipe:
         for reverse in [task == "reverse" for task in args.tasks]:
             for seed in args.seeds:
@@ -240,16 +259,13 @@ def main(argv=None):
                         curve = quality_report.score_curve(run_dir, start, data["test_dir"], torch_device,
                                                            args.curve_samples, args.jobs, MODES)
                         write_json(run_dir / "curve.json", {"name": name, "curve": curve})
+                        publish({"name": name, "curve": curve})
                     record = train(args, run_dir, text, device, recipe, on_checkpoint=score_so_far)
                 scored = quality_report.score_run(run_dir, record, data["test_dir"], torch_device, args.curve_samples,
                                                   args.final_samples, args.jobs, MODES)
                 runs.append({"name": name, "recipe": recipe, "reverse": reverse, "seed": seed, **scored})
                 print(quality_report.curve_table(runs[-1]), flush=True)
-    result = {"machine": info, "size": args.size, "steps": args.steps, "minutes": args.minutes,
-              "precision": args.precision, "data": {k: v for k, v in data.items() if k != "libri_root"},
-              "test_seed": args.test_seed, "curve_samples": args.curve_samples,
-              "final_samples": args.final_samples or data["test_samples"], "runs": runs}
-    result["data"]["test_dir"] = str(data["test_dir"])
+                publish({})
     if not runs:
         sys.exit("error: no finished run to score in " + str(out / "runs"))
     table = quality_report.final_table(runs)
@@ -257,10 +273,7 @@ def main(argv=None):
     png = quality_report.plot_curves(runs, out / "quality_curve.png", title=f"{args.size}, {info['cpu']}"
                                      if device == "cpu" else f"{args.size}, {info.get('gpu', device)}")
     print(f"curve: {png}")
-    text = json_text(result)
-    write_text(out / "quality.json", text)
-    if args.json:
-        write_text(Path(args.json), text)
+    publish()
     return 0
 
 

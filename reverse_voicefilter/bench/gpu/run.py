@@ -2,22 +2,25 @@
 reverse_voicefilter/bench/gpu/prepare.py made, in about 9 minutes, every result in one output folder.
 
 Stages, each with its own time limit (a stage that fails or runs out of time is logged and the
-next one still runs):
+next one still runs); every stage writes its results as they come, so one stopped at its limit
+still returns what it finished:
 
 1. ``install``: the payload's wheels, offline, into ``--site`` (``pip install --no-index
    --target``), put on PYTHONPATH of the later stages, then the imports the benchmarks need checked
-   (reverse_voicefilter/bench/gpu/install.py);
-2. ``train``: bench.train, the CUDA variants (fp32, fp32-cl, bf16, bf16-cl, fp16,
-   bf16-cl-cudnn, bf16-cl-compile) at the default size, a few steps each;
-3. ``inference``: bench.inference, the variants but model-fp32-bn (a question of CPU inference), on
-   the payload's test-other speech;
-4. ``quality``: bench.quality --size default --precision bf16 --minutes M, M the minutes that
-   remain of ``--total_minutes`` after the time its data preparation and scoring take
-   (``--reserve_s``), at least ``--min_minutes``; should they take longer, it is stopped at
-   ``--stop_minutes`` (9.75: the device tool stops a command at 10).
+   (gpu/install.py);
+2. ``quality``, first and with most of the budget (``--quality_minutes``, 6 of about 9.5): bench.quality
+   --size default --precision bf16 at batch ``--batch_size`` (32) with loader workers, training for
+   the stage's minutes less ``--reserve_s`` (its data and final scoring), its curve scored while it
+   trains;
+3. ``train``: bench.train, the CUDA variants (fp32, fp32-cl, bf16, bf16-cl, fp16, bf16-cl-cudnn,
+   and last, as it is slow to start, bf16-cl-compile) at the default size, a few steps each;
+4. ``inference``: bench.inference, the variants but model-fp32-bn (a question of CPU inference), on
+   the payload's test-other speech.
+
+No stage runs past ``--stop_minutes`` (9.75: a command of at most 10 minutes).
 
 The output folder (the argument; default $OUT when set, else bench-out/gpu) gets few files, as
-the device tool brings back at most 8: ``run.log`` (every stage's output), ``train.json``,
+at most 8 come back from a lent GPU machine: ``run.log`` (every stage's output), ``train.json``,
 ``inference.json``, ``quality.json``, ``quality_curve.png`` and ``summary.json`` (per stage:
 command, exit code, seconds, whether it timed out, its result file).
 
@@ -25,7 +28,7 @@ command, exit code, seconds, whether it timed out, its result file).
 a check on the CPU machine that the run works (``--no_install`` there: the wheels are for the
 GPU machine's Python 3.12).
 
-    python3 -m reverse_voicefilter.bench.gpu.run                                   # on the GPU machine (device tool)
+    python3 -m reverse_voicefilter.bench.gpu.run                                   # on the GPU machine
     .venv/bin/python -m reverse_voicefilter.bench.gpu.run /tmp/gpu-check --device cpu --quick --no_install
 """
 import argparse
@@ -52,9 +55,8 @@ TRAIN_VARIANTS = ["fp32", "fp32-cl", "bf16", "bf16-cl", "fp16", "bf16-cl-cudnn",
 INFERENCE_VARIANTS = ["model-fp32", "model-fp32-cl", "model-bf16", "model-bf16-cl", "process-fp32", "process-bf16-cl"]
 QUICK_TRAIN_VARIANTS = ["fp32"]
 QUICK_INFERENCE_VARIANTS = ["model-fp32", "process-fp32"]
-# seconds each stage may take on the GPU; the quality stage gets what remains of --total_minutes
-# (at most 310 s: then the quality stage has 3 min of training and until --stop_minutes for the rest)
-LIMITS = {"install": 30, "train": 150, "inference": 130}
+# seconds each stage may take on the GPU besides the quality stage's --quality_minutes
+LIMITS = {"install": 30, "train": 100, "inference": 75}
 QUICK_LIMIT = 900  # per stage with --quick (a shared CPU: no budget to keep to)
 RESULTS = ["run.log", "train.json", "inference.json", "quality.json", "quality_curve.png", "summary.json"]
 GRACE_S = 15  # after SIGTERM, before SIGKILL
@@ -71,15 +73,14 @@ def parse_args(argv=None):
     p.add_argument("--site", default="/tmp/site", help="where the wheels are installed (default: %(default)s)")
     p.add_argument("--work", default=str(BENCH_OUT / "gpu-quality"),
                    help="bench.quality's work folder (its data and trained models; default: %(default)s)")
-    p.add_argument("--total_minutes", type=float, default=9.0,
-                   help="the whole run's budget; the quality stage's training ends within it (default: %(default)s)")
     p.add_argument("--stop_minutes", type=float, default=9.75,
-                   help="the quality stage is stopped at this minute of the run, scored or not (the device tool "
-                        "stops a command at 10; default: %(default)s)")
-    p.add_argument("--min_minutes", type=float, default=3.0, help="the quality stage's least training minutes")
-    p.add_argument("--eval_every", type=int, default=300, help="the quality stage's steps between checkpoints")
-    p.add_argument("--reserve_s", type=float, default=90.0,
-                   help="seconds of the quality stage besides training: data, scoring (default: %(default)s)")
+                   help="no stage runs past this minute of the run (default: %(default)s)")
+    p.add_argument("--quality_minutes", type=float, default=6.0,
+                   help="the quality stage's whole time: data, training, scoring (default: %(default)s)")
+    p.add_argument("--reserve_s", type=float, default=75.0,
+                   help="seconds of the quality stage besides training: data, final scoring (default: %(default)s)")
+    p.add_argument("--batch_size", type=int, default=32, help="the quality stage's training batch (default: 32)")
+    p.add_argument("--eval_every", type=int, default=500, help="the quality stage's steps between checkpoints")
     p.add_argument("--jobs", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)),
                    help="processes for the quality stage's data and SDR (default: %(default)s)")
     p.add_argument("--stages", nargs="+", default=["install", "train", "inference", "quality"],
@@ -110,8 +111,8 @@ def bench_stages(args, out):
         train = ["--quick", "--variants", *QUICK_TRAIN_VARIANTS]
         inference = ["--quick", "--variants", *QUICK_INFERENCE_VARIANTS]
     else:
-        train = ["--steps", "10", "--warmup", "3", "--timeout", "60", "--variants", *TRAIN_VARIANTS]
-        inference = ["--repeats", "10", "--long_repeats", "3", "--timeout", "60", "--variants", *INFERENCE_VARIANTS]
+        train = ["--steps", "5", "--warmup", "2", "--timeout", "40", "--variants", *TRAIN_VARIANTS]
+        inference = ["--repeats", "5", "--long_repeats", "2", "--timeout", "30", "--variants", *INFERENCE_VARIANTS]
     limit = QUICK_LIMIT if args.quick else None
     return [Stage("train", [sys.executable, "-m", "reverse_voicefilter.bench.train", *common, *train,
                             "--json", str(out / "train.json")], limit or LIMITS["train"], "train.json"),
@@ -120,20 +121,20 @@ def bench_stages(args, out):
                   limit or LIMITS["inference"], "inference.json")]
 
 
-def quality_stage(args, out, seconds_left, stop_left):
-    """bench.quality training for the minutes that remain (``seconds_left`` of the budget, less
-    the reserve for its data and scoring), stopped ``stop_left`` seconds from now at the latest."""
+def quality_stage(args, out):
+    """bench.quality at the default size: training for ``--quality_minutes`` less ``--reserve_s``, the
+    data mixed by loader workers (``--jobs``), at batch ``--batch_size``."""
     cmd = [sys.executable, "-m", "reverse_voicefilter.bench.quality", "--device", args.device,
            "--data", str(Path(args.payload, "librispeech-mini")), "-o", args.work, "--json", str(out / "quality.json"),
            "--jobs", str(args.jobs)]
     if args.quick:
         return Stage("quality", [*cmd, "--quick"], QUICK_LIMIT, "quality.json")
-    minutes = max(args.min_minutes, (seconds_left - args.reserve_s) / 60)
-    minutes = int(minutes * 10) / 10
+    minutes = int((args.quality_minutes * 60 - args.reserve_s) / 6) / 10
     precision = "bf16" if args.device == "cuda" else "fp32"
     cmd += ["--size", "default", "--precision", precision, "--minutes", f"{minutes:g}",
-            "--eval_every", str(args.eval_every)]
-    return Stage("quality", cmd, max(stop_left, minutes * 60 + GRACE_S), "quality.json")
+            "--eval_every", str(args.eval_every), "--batch_size", str(args.batch_size), "--workers", str(args.jobs),
+            "--final_samples", "0"]
+    return Stage("quality", cmd, args.quality_minutes * 60, "quality.json")
 
 
 def run_stage(stage, log, env):
@@ -206,7 +207,7 @@ def main(argv=None):
     args = parse_args(argv)
     out = check_writable_dir(args.out, "output")
     start = time.monotonic()
-    deadline, stop = start + args.total_minutes * 60, start + args.stop_minutes * 60
+    stop = start + args.stop_minutes * 60
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if not args.no_install and any(Path(args.payload, "wheels").glob("*.whl")):
         env["PYTHONPATH"] = os.pathsep.join(x for x in [args.site, env.get("PYTHONPATH")] if x)
@@ -217,13 +218,16 @@ def main(argv=None):
     with open(out / "run.log", "w") as log:
         _write(log, f"===== GPU run: device {args.device}{' (quick)' if args.quick else ''}, output {out}, "
                     f"payload {args.payload}, "
-                    f"{'no time budget' if args.quick else f'budget {args.total_minutes:g} min'}\n")
-        planned = [install_stage(args, out), *bench_stages(args, out), None]
+                    f"{'no time budget' if args.quick else f'stop at {args.stop_minutes:g} min'}\n")
+        planned = [install_stage(args, out), quality_stage(args, out), *bench_stages(args, out)]
         for stage in planned:
-            if stage is None:
-                stage = quality_stage(args, out, deadline - time.monotonic(), stop - time.monotonic())
             if stage.name not in args.stages:
                 continue
+            if not args.quick:  # no stage runs past --stop_minutes
+                stage.limit_s = min(stage.limit_s, stop - time.monotonic())
+                if stage.limit_s < 10:
+                    _write(log, f"===== {stage.name}: skipped, the run's time is up\n")
+                    continue
             started = time.time()
             code, seconds, timed_out = run_stage(stage, log, env)
             if stage.name == "quality":
