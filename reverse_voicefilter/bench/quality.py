@@ -44,7 +44,7 @@ from reverse_voicefilter.core.jsonfile import json_text, write_json
 ROOT = common.ROOT
 EMBEDDER = "resemblyzer"
 MODES = ("org", "inv_sub", "inv_div")
-SIZES = {"tiny": "reverse_voicefilter/config/tiny.yaml", "default": "reverse_voicefilter/config/default.yaml"}
+SIZES = {name: f"reverse_voicefilter/config/{name}.yaml" for name in ("tiny", "small", "default")}
 # Recipes compared by --recipe: the config changes on top of the size's config, given the run's
 # --steps (docs/recipes.md)
 RECIPES = {
