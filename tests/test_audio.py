@@ -1,3 +1,6 @@
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -111,10 +114,13 @@ def test_loader_keeps_16k_mono_unchanged(tmp_path):
 
 @pytest.mark.parametrize("kind, message", [
     ("missing", "not found"), ("garbage", "cannot read"), ("empty", "empty"), ("silent", "silent"),
+    ("folder", "is a folder, not an audio file"),
 ])
 def test_loader_errors_name_the_file(tmp_path, kind, message):
     path = tmp_path / f"{kind}.wav"
-    if kind == "garbage":
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "garbage":
         path.write_bytes(b"not audio at all" * 10)
     elif kind == "empty":
         sf.write(path, np.zeros(0, dtype=np.float32), 16000)
@@ -123,6 +129,46 @@ def test_loader_errors_name_the_file(tmp_path, kind, message):
     with pytest.raises(AudioError, match=message) as err:
         load_wav(path)
     assert path.name in str(err.value)
+
+
+def truncate_wav(path, seconds, rate=16000):
+    """Cut a written WAV's data after ``seconds``, its header left promising the whole (an interrupted copy)."""
+    data = path.read_bytes()
+    bytes_per_frame = sf.info(path).channels * 4 if sf.info(path).subtype == "FLOAT" else 2
+    header = data.index(b"data") + 8
+    path.write_bytes(data[:header + int(seconds * rate) * bytes_per_frame])
+
+
+@pytest.mark.parametrize("subtype", ["FLOAT", "PCM_16"])
+def test_a_truncated_wav_is_read_with_a_warning_giving_both_lengths(tmp_path, caplog, subtype):
+    path = tmp_path / "cut.wav"
+    sf.write(path, tone(3.0), 16000, subtype=subtype)
+    truncate_wav(path, 1.0)
+    with caplog.at_level("WARNING"):
+        wav = load_wav(path)
+    assert wav.size == 16000
+    (line,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert str(path) in line and "truncated" in line and "3.00 s" in line and "1.00 s" in line
+
+
+def test_whole_and_streamed_wavs_read_without_a_warning(tmp_path, caplog):
+    whole, streamed = tmp_path / "whole.wav", tmp_path / "streamed.wav"
+    sf.write(whole, tone(1.0), 16000, subtype="PCM_16")
+    data = bytearray(whole.read_bytes())
+    at = data.index(b"data") + 4
+    data[at:at + 4] = (0xFFFFFFFF).to_bytes(4, "little")  # what a writer to a pipe puts there: length unknown
+    streamed.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        assert load_wav(whole).size == load_wav(streamed).size == 16000
+    assert not caplog.records
+
+
+@pytest.mark.skipif(os.name != "posix", reason="names that are not valid UTF-8 exist on POSIX file systems")
+def test_a_name_that_is_not_utf8_is_written_and_read(tmp_path):
+    folder = Path(os.fsdecode(os.fsencode(tmp_path) + b"/out_\xffdir"))  # a Latin-1 byte: a surrogate in Python
+    save_wav(folder / "r.wav", tone(0.5))
+    np.testing.assert_array_equal(load_wav(folder / "r.wav"), tone(0.5))
+    assert os.listdir(os.fsencode(folder)) == [b"r.wav"]
 
 
 def test_save_wav_is_atomic_and_float(tmp_path):

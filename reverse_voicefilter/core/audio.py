@@ -8,6 +8,7 @@ embedder mels ``[num_mels, time]``.
 """
 import functools
 import logging
+import os
 from pathlib import Path
 
 import librosa
@@ -72,22 +73,39 @@ class AudioError(UserError):
     """An audio file that cannot be used: missing, unreadable, empty or silent."""
 
 
+def sf_name(path):
+    """A path as soundfile should get it: the file system's own bytes on POSIX, so that a name that is
+    not valid UTF-8 (a Latin-1 byte, read by Python as a surrogate) opens, where soundfile's
+    strict encoding of a str would fail."""
+    return os.fsencode(path) if os.name == "posix" else str(path)
+
+
 def load_wav(path, sample_rate=16000):
     """Read any file soundfile can, as mono float32 at ``sample_rate``.
 
     Stereo is averaged to mono; other rates are resampled (soxr, see
     :func:`resample`). Raises :class:`AudioError` for a missing, unreadable, empty or
-    silent file, naming the file.
+    silent file, naming the file. A truncated file (its header promises more than it holds)
+    is read as far as it goes, with a warning giving both lengths.
     """
     path = Path(path)
+    if path.is_dir():
+        raise AudioError(f"{path} is a folder, not an audio file (give a file: wav, flac, ...)")
     if not path.is_file():
         raise AudioError(f"audio file not found: {path}")
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(sf_name(path)) as f:
+            rate = f.samplerate
+            data = f.read(dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, ValueError) as err:
         raise AudioError(f"cannot read audio file {path}: {err}") from None
     if data.shape[0] == 0:
         raise AudioError(f"audio file {path} is empty (no samples)")
+    promised = wav_header_frames(path)
+    if promised is not None and data.shape[0] < promised:
+        logger.warning("audio file %s is truncated: its header promises %.2f s (%d frames), it holds %.2f s "
+                       "(%d frames); using what it holds", path, promised / rate, promised, data.shape[0] / rate,
+                       data.shape[0])
     wav = data.mean(axis=1) if data.shape[1] > 1 else data[:, 0]
     if not np.all(np.isfinite(wav)):
         raise AudioError(f"audio file {path} holds NaN or infinite samples")
@@ -96,6 +114,41 @@ def load_wav(path, sample_rate=16000):
     if rate != sample_rate:
         wav = resample(wav, rate, sample_rate)
     return np.ascontiguousarray(wav, dtype=np.float32)
+
+
+# A writer that streams a WAV (to a pipe) cannot know its length and writes a placeholder of 2 GiB or
+# more in the data chunk's size: no promise, so no truncation to report.
+_STREAMING_DATA_SIZE = 0x7FFF0000
+_MOST_CHUNKS = 64
+
+
+def wav_header_frames(path):
+    """The frames a RIFF WAV's data chunk says it holds, or None (another format, a streamed WAV, a
+    header that cannot be read). libsndfile reports a truncated WAV's frames as what the file
+    holds, so the header is read here to tell the two apart."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+                return None
+            block_align = None
+            for _ in range(_MOST_CHUNKS):
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return None
+                kind, size = chunk[:4], int.from_bytes(chunk[4:], "little")
+                if kind == b"data":
+                    if not block_align or size >= _STREAMING_DATA_SIZE:
+                        return None
+                    return size // block_align
+                if kind == b"fmt ":
+                    fmt = f.read(min(size, 64))
+                    block_align = int.from_bytes(fmt[12:14], "little") if len(fmt) >= 14 else None
+                    size -= len(fmt)
+                f.seek(size + (size & 1), os.SEEK_CUR)  # chunks are padded to an even size
+    except OSError:
+        return None
+    return None
 
 
 def resample(wav, rate, target_rate):
@@ -121,7 +174,7 @@ def save_wav(path, wav, sample_rate=16000, subtype="FLOAT"):
         if subtype == "FLOAT":
             _write_float_wav(tmp, wav, sample_rate)
         else:
-            sf.write(tmp, wav, sample_rate, subtype=subtype, format="WAV")
+            sf.write(sf_name(tmp), wav, sample_rate, subtype=subtype, format="WAV")
 
 
 _SFC_SET_ADD_PEAK_CHUNK = 0x1050  # libsndfile's sf_command() code (sndfile.h)
@@ -137,7 +190,7 @@ def _write_float_wav(path, wav, sample_rate):
 
         scipy.io.wavfile.write(path, sample_rate, wav)
         return
-    with sf.SoundFile(path, "w", sample_rate, 1, subtype="FLOAT", format="WAV") as f:
+    with sf.SoundFile(sf_name(path), "w", sample_rate, 1, subtype="FLOAT", format="WAV") as f:
         sf._snd.sf_command(f._file, _SFC_SET_ADD_PEAK_CHUNK, sf._ffi.NULL, 0)
         f.write(wav)
 
