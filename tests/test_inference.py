@@ -219,6 +219,7 @@ def _bad_inputs(tiny, root):
         "silent mixture": args({"-m": root / "silent.wav"}),
         "empty mixture": args({"-m": root / "empty.wav"}),
         "missing reference": args({"-r": root / "nope_ref.wav"}),
+        "folder reference": args({"-r": root}),
         "too short reference": args({"-r": root / "short_ref.wav"}),
         "references do not pair": args({"-r": [tiny["reference"]] * 2, "-m": sorted(tiny["mixes"].iterdir())}),
         "bogus mask": args(extra=["--mask", "bogus"]),
@@ -238,8 +239,8 @@ def bad_cases(tiny):
 BAD_CASES = ["missing checkpoint", "random-bytes checkpoint", "truncated checkpoint", "checkpoint of another config",
              "missing embedder", "garbage embedder", "embedder of another config", "missing config", "bad config key",
              "missing mixture", "corrupt mixture", "silent mixture", "empty mixture", "missing reference",
-             "too short reference", "references do not pair", "bogus mask", "zero factor", "negative factor",
-             "absent cuda"]
+             "folder reference", "too short reference", "references do not pair", "bogus mask", "zero factor",
+             "negative factor", "absent cuda"]
 # the same through the real script, in separate processes (each pays the torch import)
 SCRIPT_CASES = ["checkpoint of another config", "corrupt mixture", "zero factor"]
 
@@ -252,6 +253,8 @@ def check_error_output(case, code, err):
         assert "pass the same -c" in err and "model.lstm_dim" in err
     if case.startswith("missing"):
         assert "not found" in err
+    if case == "folder reference":  # not "not found": it is there, and is the wrong kind of thing
+        assert "is a folder: -r takes an audio file" in err
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -487,7 +490,7 @@ def test_mask_names_and_embedder_flag_are_shared(script):
 
     from reverse_voicefilter.separation.options import ALL_MODES, MASK_CHOICES
 
-    module = importlib.import_module(script)
+    module = importlib.import_module(f"reverse_voicefilter.commands.{script}")  # the root scripts only call it
     parser = module.build_parser()
     mask = next(a for a in parser._actions if "--mask" in a.option_strings)
     assert tuple(mask.choices) == MASK_CHOICES == (*MASK_MODES, ALL_MODES)
@@ -648,3 +651,94 @@ def test_result_picture_shares_scales_and_has_real_axes(tiny, tiny_separator, tm
     mask, mag = result.spectra["mask"], result.spectra["mixture"]
     expected = np.where(mag * (1 - mask) / 0.7 <= 1, (1 - mask) / 0.7, 1 / np.maximum(mag, 1e-6))
     np.testing.assert_allclose(np.asarray(sub).T[mag > 1e-3], expected[mag > 1e-3], rtol=1e-4)
+
+
+# ---- reliability: overwritten inputs, full disks, odd names, killed runs, truncated files -----------
+@pytest.mark.parametrize("role", ["-m", "-r"])
+def test_an_output_that_is_an_input_is_refused_before_any_work(tiny, tmp_path, capsys, monkeypatch, role):
+    from reverse_voicefilter.commands import inference
+    from reverse_voicefilter.separation import loading
+
+    out = tmp_path / "out"
+    out.mkdir()
+    given = out / "result.wav"
+    given.write_bytes((tiny["mixes"] / "mix1.wav").read_bytes())
+    before = given.read_bytes()
+    monkeypatch.setattr(loading, "load_separator", lambda *a, **k: pytest.fail("loaded the model first"))
+    argv = ["-c", tiny["config"], "-e", tiny["embedder"], "--checkpoint_path", tiny["checkpoint"], "-o", out,
+            "-m", given if role == "-m" else tiny["mixes"] / "mix1.wav",
+            "-r", given if role == "-r" else tiny["reference"]]
+    code, out_text, err = run_main(inference.main, argv, capsys)
+    what = "mixture" if role == "-m" else "reference"
+    assert code == 2 and out_text == "" and "Traceback" not in err
+    assert error_lines(err) == [f"error: the result {given} would overwrite the {what} {given}: choose another "
+                                f"output folder (-o) or rename the input"]
+    assert given.read_bytes() == before
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_the_earlier_results(tiny, tmp_path, capsys, monkeypatch):
+    from reverse_voicefilter.commands import inference
+    from reverse_voicefilter.core import audio
+
+    real_write, calls = audio._write_float_wav, []
+
+    def write_until_full(path, wav, sample_rate):
+        calls.append(path)
+        if len(calls) == 1:
+            return real_write(path, wav, sample_rate)
+        with open(path, "wb") as f:
+            f.write(b"RIFF half a file")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(audio, "_write_float_wav", write_until_full)
+    out = tmp_path / "out"
+    argv = base_args(tiny, out, "-m", tiny["mixes"] / "mix1.wav", tiny["mixes"] / "mix2.wav")
+    code, _, err = run_main(inference.main, argv, capsys)
+    assert code == 1 and "Traceback" not in err
+    assert error_lines(err) == [f"error: no space left on the device of {out}: free some space and run again (the "
+                                f"files written before are kept)"]
+    assert sorted(p.name for p in out.iterdir()) == ["mix1-result.wav"]  # no temporary, no half file
+    assert sf.info(out / "mix1-result.wav").frames == RATE * 3
+
+
+@pytest.mark.skipif(os.name != "posix", reason="names that are not valid UTF-8 exist on POSIX file systems")
+def test_an_output_folder_whose_name_is_not_utf8_works(tiny, tmp_path):
+    out = os.fsencode(tmp_path) + b"/out_\xffdir"  # as a shell passes $'out_\xffdir'
+    argv = [os.fsencode(str(a)) for a in base_args(tiny, "OUT", "-m", tiny["mixes"] / "mix1.wav")]
+    argv[argv.index(b"OUT")] = out
+    proc = subprocess.run([sys.executable, str(ROOT / "inference.py"), *argv], capture_output=True, cwd=ROOT,
+                          timeout=300, env=SCRIPT_ENV)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert proc.stdout == out + b"/result.wav\n"  # the name that opens the file, byte for byte
+    assert os.listdir(out) == [b"result.wav"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="whether a writer lives is only probed on POSIX")
+def test_a_killed_runs_temporary_is_removed_a_parallel_runs_is_kept(tiny, tmp_path, capsys):
+    from reverse_voicefilter.commands import inference
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    killed = out / f".mix2-result.wav.pid{ended.pid}.ab12cd34.tmp.wav"  # what a SIGKILL left
+    parallel = out / f".mix2-result.wav.pid{os.getpid()}.k2j_x9ab.tmp.wav"  # a run still writing
+    for path in (killed, parallel):
+        path.write_bytes(b"RIFF half")
+    code, _, err = run_main(inference.main, base_args(tiny, out, "-m", tiny["mixes"] / "mix1.wav"), capsys)
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == sorted([parallel.name, "result.wav"])
+
+
+def test_a_truncated_mixture_is_separated_with_a_warning(tiny, tmp_path, capsys, caplog):
+    from reverse_voicefilter.commands import inference
+
+    cut = tmp_path / "cut.wav"
+    data = (tiny["mixes"] / "mix1.wav").read_bytes()  # 3 s of float samples
+    cut.write_bytes(data[:data.index(b"data") + 8 + RATE * 4])  # 1 s of them, under the 3 s header
+    with caplog.at_level("WARNING"):
+        code, _, err = run_main(inference.main, base_args(tiny, tmp_path / "out", "-m", cut), capsys)
+    assert code == 0, err
+    (line,) = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+    assert str(cut) in line and "promises 3.00 s" in line and "holds 1.00 s" in line
+    assert sf.info(tmp_path / "out" / "result.wav").frames == RATE

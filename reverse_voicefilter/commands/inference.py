@@ -7,12 +7,15 @@ One mixture writes OUT_DIR/result.wav (float WAV); several (-m a.wav b.wav, or a
 write OUT_DIR/<name>-result.wav each. See reverse_voicefilter/separation/separator.py for the mask modes.
 
 Exit status: 0 when every mixture was separated; 1 when some could not be (each named on
-stderr, the others written); 2 when none could be, or for a user error (a bad flag or file).
+stderr, the others written) or the disk filled up (the results written before are kept); 2 when
+none could be, or for a user error (a bad flag or file, or an output that would overwrite an input).
 """
 import argparse
 import logging
+import os
 import sys
 
+from reverse_voicefilter.core.atomic import remove_stale_temporaries
 from reverse_voicefilter.core.cli import (
     UserErrorParser,
     add_bool_flag,
@@ -87,10 +90,12 @@ def main(argv=None):
     hp = HParam(args.config) if args.config else None  # else the checkpoint's, once torch is loaded
     modes = parse_modes(args.mask)
     inputs = expand_inputs(args.mixed_file, args.out_dir)
-    output_plan(inputs, args.out_dir, modes)  # name clashes and a bad -o: before any work
     references = pair_references(inputs, args.reference_file)
+    output_plan(inputs, args.out_dir, modes, references)  # name clashes, overwritten inputs, a bad -o: before any work
     log.info("%d mixture(s), mask %s, output to %s", len(inputs), ", ".join(modes), args.out_dir)
     with output_folder(args.out_dir, "-o"):
+        for path in remove_stale_temporaries(args.out_dir):  # a parallel run's own are kept
+            log.info("removed %s, left by a run that was killed", path)
         with bulk_imports():  # torch: only once the arguments are good
             from reverse_voicefilter.separation.files import separate_files
             from reverse_voicefilter.separation.loading import load_separator
@@ -104,8 +109,20 @@ def main(argv=None):
         run = separate_files(separator, inputs, references, args.out_dir, modes, factor=args.factor,
                              plot=args.plot, progress=len(inputs) > 1)
     for path in run.written:
-        print(path)
+        print_path(path)
     return report_failures(run.failed, len(inputs))
+
+
+def print_path(path):
+    """One written path on stdout, in the file system's own bytes when the console's encoding cannot
+    spell it (``-o $'out_\\xff'`` on a UTF-8 system), so a pipe gets the name that opens the file."""
+    line = f"{path}\n"
+    try:
+        sys.stdout.write(line)
+    except UnicodeEncodeError:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(os.fsencode(line))
+        sys.stdout.buffer.flush()
 
 
 def report_failures(failed, total):

@@ -28,6 +28,10 @@ def reference_dvecs(separator, references):
         key = str(ref.resolve())
         if key in dvecs:
             continue
+        if ref.is_dir():
+            dvecs[key] = UserError(f"reference {ref} is a folder: -r takes an audio file of the speaker (wav, flac, "
+                                   f"...), one for all mixtures or one per mixture")
+            continue
         try:
             wav = load_wav(ref, rate)
             if wav.size < window * rate:
@@ -62,8 +66,8 @@ def separate_files(separator, inputs, references, out_dir, modes, factor=DEFAULT
 
     hp = separator.hp
     rate = hp.audio.sample_rate
-    plan = output_plan(inputs, out_dir, modes)
     references = pair_references(inputs, references)
+    plan = output_plan(inputs, out_dir, modes, references)
     dvecs = reference_dvecs(separator, references)
     failed = {}
 

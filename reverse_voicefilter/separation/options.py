@@ -5,8 +5,10 @@ file answer at once, before the deep-learning stack is imported (about 1.5 s).
 """
 import argparse
 import contextlib
+import os
 from pathlib import Path
 
+from reverse_voicefilter.core.atomic import is_temporary
 from reverse_voicefilter.core.cli import add_bool_flag, check_writable_dir
 from reverse_voicefilter.core.errors import UserError
 
@@ -113,12 +115,13 @@ def expand_inputs(paths, out_dir=None):
     A folder the generator wrote (it holds ``*-mixed.wav``) gives its mixtures only, not the
     clean ``-target.wav`` beside them. Files of a folder that are this program's own results
     in ``out_dir`` are left out, so a rerun into the input folder does not separate its
-    outputs again.
+    outputs again; so are the temporaries of a run writing there (``.NAME.pid....tmp.wav``).
     """
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES)
+            found = sorted(p for p in path.iterdir()
+                           if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES and not is_temporary(p.name))
             mixtures = [p for p in found if p.name.endswith(GENERATOR_MIXTURE_SUFFIX)]
             if mixtures:
                 found = mixtures
@@ -164,8 +167,9 @@ def pair_references(inputs, references):
     return references
 
 
-def output_plan(inputs, out_dir, modes):
-    """``[(input, {mode: output path}, picture path)]``; two inputs with one name are an error."""
+def output_plan(inputs, out_dir, modes, references=()):
+    """``[(input, {mode: output path}, picture path)]``; two inputs with one name are an error,
+    and so is a result that would overwrite one of the ``inputs`` or ``references``."""
     many = len(inputs) > 1
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -180,4 +184,36 @@ def output_plan(inputs, out_dir, modes):
         names = result_names(path.stem, modes, many)
         picture = out_dir / (f"{path.stem}-result.png" if many else "result.png")
         plan.append((path, {m: out_dir / name for m, name in names.items()}, picture))
+    refuse_overwriting_inputs(plan, inputs, references)
     return plan
+
+
+def _file_id(path):
+    """The file behind ``path`` (device, inode), so that a link or another spelling of an input is
+    recognised too; None for a path that names no file."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    if not st.st_ino:  # a file system without inode numbers (FAT on Windows): the resolved name
+        return os.path.normcase(os.path.realpath(path))
+    return st.st_dev, st.st_ino
+
+
+def refuse_overwriting_inputs(plan, inputs, references=()):
+    """A result whose file is a mixture or a reference of the run (``-m OUT/result.wav -o OUT``)
+    is a :class:`UserError`, before any work: the result would replace the input it came from.
+    Pictures are left out: an input is audio, never a PNG."""
+    given = {}
+    for role, paths in (("reference", references), ("mixture", inputs)):  # a mixture's name wins
+        for path in paths:
+            key = _file_id(path)
+            if key is not None:
+                given[key] = (role, path)
+    for _, outputs, _ in plan:
+        for out_path in outputs.values():
+            clash = given.get(_file_id(out_path))
+            if clash:
+                role, path = clash
+                raise UserError(f"the result {out_path} would overwrite the {role} {path}: choose another "
+                                f"output folder (-o) or rename the input")
