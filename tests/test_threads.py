@@ -33,8 +33,25 @@ def test_configure_refuses_zero_and_sets_the_wait_policy_for_torch(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     with pytest.raises(UserError, match="--threads must be at least 1, got 0"):
         threads.configure(0)
-    choice = threads.configure(1)
-    assert choice.threads == 1 and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    threads.configure(1)
+    assert threads.decide().threads == 1 and os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+
+
+def test_the_load_probe_leaves_out_this_process_own_work(monkeypatch):
+    """Other processes' busy cores: the system's busy time less this process's, over the window."""
+    from collections import namedtuple
+
+    import psutil
+
+    System, Own = namedtuple("System", "user system idle iowait"), namedtuple("Own", "user system")
+    clock = iter([100.0, 100.5])
+    system = iter([System(10.0, 2.0, 50.0, 0.0), System(10.7, 2.3, 50.0, 0.0)])  # 1.0 s busy in 0.5 s
+    own = iter([Own(1.0, 0.1), Own(1.4, 0.2)])                                    # 0.5 s of it ours
+    monkeypatch.setattr(threads.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(psutil, "cpu_times", lambda: next(system))
+    monkeypatch.setattr(psutil, "Process", lambda: type("P", (), {"cpu_times": lambda self: next(own)})())
+    probe = threads.LoadProbe().start()
+    assert probe.busy() == pytest.approx(1.0)  # (1.0 - 0.5) s of others' work in 0.5 s: one core
 
 
 def test_a_command_logs_what_it_chose_and_why(tmp_path):

@@ -28,6 +28,7 @@ from reverse_voicefilter.core.cli import (
 from reverse_voicefilter.core.errors import UserError, run_cli
 from reverse_voicefilter.core.hparams import HParam
 from reverse_voicefilter.core.startup import bulk_imports, freeze_at_exit
+from reverse_voicefilter.core.threads import configure as configure_threads
 from reverse_voicefilter.separation.options import (
     BATCH_SIZE,
     CHUNK_SECONDS,
@@ -85,6 +86,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    configure_threads(args.threads)  # before torch loads: its OpenMP reads the wait policy then
     setup_console_logging(logging.INFO if args.verbose else logging.WARNING)
     log = logging.getLogger("inference")
     hp = HParam(args.config) if args.config else None  # else the checkpoint's, once torch is loaded

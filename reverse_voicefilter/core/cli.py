@@ -111,6 +111,6 @@ def apply_threads(threads, log=None):
     the commands call before torch loads; made here where they did not. Returns the count in effect."""
     from reverse_voicefilter.core import threads as thread_choice
 
-    if thread_choice.current() is None or thread_choice.current().requested != threads:
+    if thread_choice.current() != (threads,):
         thread_choice.configure(threads)
     return thread_choice.apply(log)

@@ -5,8 +5,9 @@ core, the thread that shares it runs only in the other's time slices and the oth
 a tiny training step went from 1.0 s to 15-17 s with one busy single-threaded process beside it
 on 2 cores (docs/perf-log.md). So, unless ``--threads`` or ``OMP_NUM_THREADS`` says otherwise:
 
-* the thread count is the cores less those other processes keep busy, measured over a fifth of a
-  second at start (``psutil``; our process is idle then): all of them on an idle machine;
+* the thread count is the cores less those other processes keep busy, measured from the CPU times
+  of the system and of this process while it imports torch (``psutil``): all of them on an idle
+  machine;
 * idle threads sleep instead of spinning (``OMP_WAIT_POLICY=PASSIVE``, read by the OpenMP runtime
   when torch loads), so load that starts later costs its share of the CPU, not a collapse.
 
@@ -17,11 +18,12 @@ itself is :func:`choose`, a function of the core count, the busy cores and the f
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
-SAMPLE_SECONDS = 0.2     # how long the other processes' load is measured at start
+SAMPLE_SECONDS = 0.2     # the shortest window the other processes' load is measured over
 BUSY_THRESHOLD = 0.5     # a core counts as taken when other processes keep it this busy on average
 
 
@@ -30,7 +32,6 @@ class ThreadChoice:
     threads: int
     passive: bool
     reason: str
-    requested: int | None = None  # the --threads it was made for
 
 
 def choose(cores, busy, requested=None, env_threads=None, env_wait=None):
@@ -59,46 +60,72 @@ def usable_cores():
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def busy_cores(seconds=SAMPLE_SECONDS):
-    """How many cores other processes keep busy, measured over ``seconds`` (this process sleeps)."""
-    import psutil
+class LoadProbe:
+    """How many cores other processes keep busy, measured between :meth:`start` and :meth:`busy` from
+    the system's and this process's CPU times, so that the imports between them are the measuring
+    window (no wait of its own); at least ``SAMPLE_SECONDS`` long."""
 
-    percent = psutil.cpu_percent(interval=seconds)
-    return (psutil.cpu_count() or 1) * percent / 100
+    def start(self):
+        import psutil
+
+        self.wall, self.system, self.own = time.monotonic(), psutil.cpu_times(), psutil.Process().cpu_times()
+        return self
+
+    def busy(self):
+        import psutil
+
+        elapsed = time.monotonic() - self.wall
+        if elapsed < SAMPLE_SECONDS:
+            time.sleep(SAMPLE_SECONDS - elapsed)
+            elapsed = time.monotonic() - self.wall
+        system, own = psutil.cpu_times(), psutil.Process().cpu_times()
+        idle = ("idle", "iowait")
+        busy_all = sum(getattr(system, f) - getattr(self.system, f) for f in system._fields if f not in idle)
+        mine = (own.user - self.own.user) + (own.system - self.own.system)
+        return max(0.0, (busy_all - mine) / elapsed)
 
 
+_request = None   # (requested, env_threads, env_wait, LoadProbe or None) from configure()
 _choice = None
 
 
 def configure(requested=None):
-    """Decide once, before torch is imported: the count for :func:`apply` and the wait policy in the
-    environment (so the OpenMP runtime torch loads, and the processes this one starts, sleep when
-    idle). Returns the :class:`ThreadChoice`."""
-    global _choice
+    """Before torch is imported: put the wait policy in the environment (read by the OpenMP runtime
+    torch loads, and by the processes this one starts) and start measuring the load; the count is
+    decided by :func:`apply` (the imports in between are the measuring window)."""
+    global _request, _choice
     from reverse_voicefilter.core.errors import UserError
 
     if requested is not None and requested < 1:
         raise UserError(f"--threads must be at least 1, got {requested}")
     env_threads, env_wait = os.environ.get("OMP_NUM_THREADS"), os.environ.get("OMP_WAIT_POLICY")
-    measured = requested is None and not env_threads
-    _choice = choose(usable_cores(), busy_cores() if measured else 0.0, requested, env_threads, env_wait)
-    _choice = ThreadChoice(_choice.threads, _choice.passive, _choice.reason, requested)
-    if _choice.passive and env_wait is None:
+    probe = LoadProbe().start() if requested is None and not env_threads else None
+    _request, _choice = (requested, env_threads, env_wait, probe), None
+    if env_wait is None:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    return _choice
 
 
 def current():
-    """The choice made by :func:`configure` in this process (None before)."""
+    """The ``--threads`` this process was configured for, as ``(requested,)``; None before :func:`configure`."""
+    return None if _request is None else _request[:1]
+
+
+def decide():
+    """The :class:`ThreadChoice` of this process (configured now if it was not)."""
+    global _choice
+    if _request is None:
+        configure()
+    if _choice is None:
+        requested, env_threads, env_wait, probe = _request
+        _choice = choose(usable_cores(), probe.busy() if probe else 0.0, requested, env_threads, env_wait)
     return _choice
 
 
 def apply(log=None):
-    """Set torch's intra-op thread count to the choice (made now if :func:`configure` was not called)
-    and log it with its reason; returns the count."""
+    """Set torch's intra-op thread count to the choice and log it with its reason; returns the count."""
     import torch
 
-    choice = _choice or configure()
+    choice = decide()
     torch.set_num_threads(choice.threads)
     (log or logger).info("using %d CPU thread(s) (%s; idle threads %s)%s", choice.threads, choice.reason,
                          "sleep" if choice.passive else "spin", "" if choice.reason == "--threads" else
