@@ -14,6 +14,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 
 from reverse_voicefilter.core.atomic import remove_stale_temporaries
 from reverse_voicefilter.core.cli import (
@@ -98,9 +99,11 @@ def main(argv=None):
     with output_folder(args.out_dir, "-o"):
         for path in remove_stale_temporaries(args.out_dir):  # a parallel run's own are kept
             log.info("removed %s, left by a run that was killed", path)
+        imports = time.perf_counter()
         with bulk_imports():  # torch: only once the arguments are good
             from reverse_voicefilter.separation.files import separate_files
             from reverse_voicefilter.separation.loading import load_separator
+        log.info("imports (torch, librosa, ...) in %.2f s", time.perf_counter() - imports)
 
         apply_threads(args.threads, log)
         separator = load_separator(hp, args.checkpoint_path, args.embedder_path, pick_device(args.device),

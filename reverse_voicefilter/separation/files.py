@@ -68,7 +68,9 @@ def separate_files(separator, inputs, references, out_dir, modes, factor=DEFAULT
     rate = hp.audio.sample_rate
     references = pair_references(inputs, references)
     plan = output_plan(inputs, out_dir, modes, references)
+    clock = time.perf_counter()
     dvecs = reference_dvecs(separator, references)
+    logger.info("%d reference d-vector(s) in %.2f s", len(dvecs), time.perf_counter() - clock)
     failed = {}
 
     def items():
@@ -97,6 +99,8 @@ def separate_files(separator, inputs, references, out_dir, modes, factor=DEFAULT
             if plot:
                 save_result_picture(picture, result, path, references[i], modes, factor, hp)
                 written.append(picture)
+            if not bar.n:  # the first network call pays for choosing its kernels: shown apart in -v
+                logger.info("first mixture written %.2f s after the start of separation", time.perf_counter() - started)
             bar.update(1)
     done = len(plan) - len(failed)
     logger.info("separated %d of %d mixture(s) in %.1f s", done, len(plan), time.perf_counter() - started)

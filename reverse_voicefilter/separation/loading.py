@@ -145,6 +145,9 @@ def load_separator(hp, checkpoint_path, embedder_spec, device, channels_last=Fal
     checkpoint. ``separator.source`` (:class:`ModelSource`) says which.
     """
     started = time.perf_counter()
+    ready = device_ready_seconds(device)
+    marks = [("device", ready)]
+    clock = time.perf_counter()
     state = read_checkpoint(checkpoint_path, device)
     if hp is not None or config_path:
         hp = hp if hp is not None else run_config(config_path, state, checkpoint_path)
@@ -152,13 +155,28 @@ def load_separator(hp, checkpoint_path, embedder_spec, device, channels_last=Fal
     else:
         hp, config = run_config(None, state, checkpoint_path), "checkpoint"
     model = load_model(hp, checkpoint_path, device, channels_last, state=state)
+    marks.append(("model", time.perf_counter() - clock))
+    clock = time.perf_counter()
     embedder = load_embedder(embedder_spec, hp, device)
+    marks.append(("embedder", time.perf_counter() - clock))
     source = ModelSource(str(checkpoint_path), state.get("step"), state.get("hp_str") or "", config)
     separator = Separator(hp, model, embedder, device, source=source, **options)
-    logger.info("model: %s (step %s, config from %s), embedder %s, on %s, %s; loaded in %.1f s", checkpoint_path,
+    logger.info("model: %s (step %s, config from %s), embedder %s, on %s, %s; loaded in %.1f s (%s)", checkpoint_path,
                 state.get("step", "?"), "the checkpoint" if config == "checkpoint" else config, embedder.name,
-                device, separator.precision, time.perf_counter() - started)
+                device, separator.precision, time.perf_counter() - started,
+                ", ".join(f"{name} {seconds:.2f} s" for name, seconds in marks))
     return separator
+
+
+def device_ready_seconds(device):
+    """Seconds to make ``device`` ready for its first tensor: on a GPU the CUDA context and its libraries
+    (seconds, paid once per process; timed apart so that ``-v`` shows it), nothing on a CPU."""
+    if device.type != "cuda":
+        return 0.0
+    started = time.perf_counter()
+    torch.zeros(1, device=device)
+    torch.cuda.synchronize(device)
+    return time.perf_counter() - started
 
 
 def embedder_window_seconds(embedder, hp):
