@@ -9,6 +9,11 @@ mir_eval within 1e-3 dB on real speech; measured 1e-13 dB), several estimates in
 a GPU where the model runs. torchmetrics rather than fast_bss_eval: maintained, a wheel, and
 already beside torch on most GPU images. mir_eval stays the tests' reference (0.8 marks
 ``bss_eval_sources`` deprecated).
+
+On the CPU the pairs are solved one at a time: torch 2.13's batched ``linalg.solve`` on the CPU
+(the LU solve of several 512 x 512 systems spread over two or more threads) hands MKL's DLASWP
+corrupt pivots and fails ("Pivots given to lu_solve must all be greater or equal to 1"); one
+system per call is exact, and the solve is a small part of the cost.
 """
 import numpy as np
 import torch
@@ -23,7 +28,8 @@ def _as_rows(signals):
 def sdr_many(references, estimates, device=None):
     """BSS Eval SDR (dB) of each estimate against its reference (two lists of equal-length 1-D
     arrays, pair by pair), as a list of floats; NaN where the reference or the estimate is silent
-    (the metric is undefined there). One batched call: pairs of one length at a time."""
+    (the metric is undefined there). On a GPU one batched call per length; on the CPU one pair
+    per call (see above)."""
     from torchmetrics.functional.audio import signal_distortion_ratio
 
     out = [float("nan")] * len(references)
@@ -35,7 +41,9 @@ def sdr_many(references, estimates, device=None):
     for n, keys in by_length.items():
         refs = _as_rows([references[k][:n] for k in keys]).to(device or "cpu")
         ests = _as_rows([estimates[k][:n] for k in keys]).to(device or "cpu")
-        values = signal_distortion_ratio(ests, refs, filter_length=FILTER_LENGTH, zero_mean=False)
+        batches = [slice(None)] if refs.device.type != "cpu" else [slice(i, i + 1) for i in range(len(keys))]
+        values = torch.cat([signal_distortion_ratio(ests[b], refs[b], filter_length=FILTER_LENGTH, zero_mean=False)
+                            for b in batches])
         for k, value in zip(keys, values.cpu().tolist(), strict=True):
             out[k] = value
     return out
