@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from reverse_voicefilter.bench import quality_data
+from reverse_voicefilter.bench import quality, quality_data
 from reverse_voicefilter.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,3 +142,20 @@ def test_a_minutes_budget_stops_the_trainer_with_a_checkpoint(libri_mini, tmp_pa
     assert record["exit"] == 143  # stopped by the budget, after writing the step it was at
     assert 0 < entry["steps"] < 1000 and [p["step"] for p in entry["curve"]] == [entry["steps"]]
     assert 0.5 <= entry["train_minutes"] < 1.5
+
+
+@pytest.mark.parametrize("recipe", sorted(quality.RECIPES))
+def test_every_recipe_makes_a_config_the_trainer_accepts(recipe, tmp_path):
+    import yaml
+
+    from reverse_voicefilter.core.config_checks import check_config
+
+    args = quality.parse_args(["--steps", "3000", "--recipe", recipe, "--workers", "0"])
+    text = quality.run_config(args, tmp_path / "libri", tmp_path / "test", 1, False, recipe)
+    sections = {k: v for doc in yaml.safe_load_all(text) if doc for k, v in doc.items()}
+    check_config(sections, recipe)
+    if recipe.startswith("warm-start"):  # from the demo's network, which must exist
+        flags = quality.RECIPE_FLAGS[recipe]
+        assert flags[0] == "--init_from" and Path(flags[1]).is_file()
+    if recipe in ("warmup-cosine", "warm-start-decay"):
+        assert sections["train"]["lr_schedule"] == "warmup_cosine" and sections["train"]["warmup_steps"] == 300
