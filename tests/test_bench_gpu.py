@@ -241,11 +241,11 @@ def test_cpu_quick_run_writes_every_stage_result(tmp_path, libri_mini):
     took = time.monotonic() - start
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert [s["name"] for s in summary["stages"]] == ["install", "train", "inference", "quality"]
+    assert [s["name"] for s in summary["stages"]] == ["install", "quality", "train", "inference"]
     assert all(s["exit"] == 0 for s in summary["stages"])
     for name in ("run.log", "train.json", "inference.json", "quality.json", "quality_curve.png"):
         assert (out / name).stat().st_size > 0, name
-    assert len(list(out.iterdir())) <= 8  # what the device tool brings back
+    assert len(list(out.iterdir())) <= 8  # a transfer back from a remote GPU machine may be limited to 8 files
     print(f"cpu --quick run: {took:.0f} s; stages: "
           + ", ".join(f"{s['name']} {s['seconds']} s" for s in summary["stages"]))
 

@@ -4,7 +4,7 @@ Each runs as its own subprocess with the flags given here passed on; each prints
 table as it finishes, and ``--json_dir`` keeps one JSON file per benchmark.
 
     .venv/bin/python -m reverse_voicefilter.bench.run_all --quick                    # tiny config: minutes
-    .venv/bin/python -m reverse_voicefilter.bench.run_all --json_dir bench_results   # default sizes: an hour
+    .venv/bin/python -m reverse_voicefilter.bench.run_all --json_dir bench-out/all   # default sizes: an hour
 """
 import argparse
 import subprocess

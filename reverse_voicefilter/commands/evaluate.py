@@ -62,7 +62,7 @@ def build_parser():
     p.add_argument("--limit", type=non_negative_int, default=0, help="score the first N samples only (0: all)")
     p.add_argument("--batch_size", type=positive_int, default=BATCH_SIZE, help="samples per network call")
     p.add_argument("--jobs", type=positive_int, default=1,
-                   help="processes computing SDR (mir_eval is the slow part: up to the CPU cores)")
+                   help="processes scoring the samples (separation and SDR; default: up to the CPU cores)")
     add_bool_flag(p, "--reversed", default=None,
                   help="the model was trained on reversed data, so org keeps the interfering speaker (default: "
                        "what the training folder named in the checkpoint's config says, else the test folder)")

@@ -2,7 +2,7 @@
 the benchmarks need checked in a fresh interpreter (which must have that folder on PYTHONPATH, as
 run.py gives every stage).
 
-    python3 reverse_voicefilter/bench/gpu/install.py --wheels bench/gpu/payload/wheels --site /tmp/site
+    python3 -m reverse_voicefilter.bench.gpu.install --wheels bench-out/gpu-payload/wheels --site /tmp/site
 """
 import argparse
 import subprocess
@@ -11,7 +11,7 @@ from pathlib import Path
 
 # what the benchmarks import; the image of the GPU machine has the first ones, the wheels bring the rest
 IMPORTS = ["numpy", "scipy", "torch", "matplotlib", "tqdm", "yaml", "psutil",
-           "librosa", "soundfile", "soxr", "tensorboardX", "mir_eval"]
+           "torchmetrics", "librosa", "soundfile", "soxr", "tensorboardX", "mir_eval"]
 CHECK = f"""
 import importlib, importlib.util, pathlib
 for name in {IMPORTS!r}:

@@ -1,5 +1,5 @@
-"""Prepare the GPU run, here on the CPU machine (with network): bench-out/gpu-payload/, an ignored folder
-the device tool carries to a GPU machine that has no network and only a copy of the repository.
+"""Prepare the GPU run on a machine with network: bench-out/gpu-payload/, an ignored folder to copy,
+beside the repository, to a GPU machine that has no network.
 
 It holds
 * ``wheels/``: the wheels of gpu/wheels.txt for Python 3.12 on manylinux x86-64 (what the
@@ -7,8 +7,8 @@ It holds
   ``--wheels_from DIR``; none with ``--no_download``);
 * ``librispeech-mini/``: what bench.quality and bench.inference read, copied byte for byte
   from ``--data``: test-other whole (the test speakers) and of train-clean-100 the first speakers
-  by id whose files fit the bytes left (the device tool carries 64 MiB in all, the repository
-  included; librispeech-mini's 72 MB do not fit);
+  by id whose files fit the bytes left (``--budget_mib``, 64 MiB by default: what a transfer to
+  the GPU machine may carry, the repository included; librispeech-mini's 72 MB do not fit);
 * ``manifest.json``: the sizes and the speakers chosen.
 
 The total that will travel (the repository's tracked and untracked-not-ignored files, plus the
@@ -39,7 +39,7 @@ DEFAULT_PAYLOAD = ROOT / "bench-out" / "gpu-payload"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "librispeech-mini"
 TRAIN, TEST = "train-clean-100", "test-other"
 MIB = 1 << 20
-# what the device tool's recipe names (/work/.library/device/README.md, Notes: nvidia-h200)
+# wheels that install on the GPU image's Python 3.12 (x86-64 Linux, glibc 2.28 or newer)
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
              "manylinux1_x86_64"]
 PYTHON_VERSION = "3.12"
@@ -58,10 +58,10 @@ def parse_args(argv=None):
                         help="copy the wheels from this folder instead of downloading them")
     wheels.add_argument("--no_download", action="store_true",
                         help="no wheels (the GPU machine must already have the packages: run.py --no_install)")
-    p.add_argument("--budget_mib", type=float, default=64.0, help="what the device tool carries in all (MiB)")
+    p.add_argument("--budget_mib", type=float, default=64.0, help="what may travel in all (MiB)")
     p.add_argument("--margin_mib", type=float, default=2.0,
                    help="left free under the budget: for files the repository gains before the run, and folder entries "
-                        "if the tool counts them (MiB; default: %(default)s)")
+                        "if the transfer counts them (MiB; default: %(default)s)")
     p.add_argument("--max_speakers", type=int, default=None, help="at most this many training speakers")
     p.add_argument("--min_speakers", type=int, default=MIN_SPEAKERS,
                    help="refuse a payload with fewer training speakers (default: %(default)s)")
@@ -87,7 +87,7 @@ def tree_bytes(folder):
 
 
 def repo_bytes(root=ROOT):
-    """Bytes of what the device tool sends besides the carried paths: the tracked files and the
+    """Bytes of the repository's copy that travels beside the payload: the tracked files and the
     untracked ones git does not ignore."""
     try:
         listing = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others",

@@ -19,8 +19,8 @@ still returns what it finished:
 
 No stage runs past ``--stop_minutes`` (9.75: a command of at most 10 minutes).
 
-The output folder (the argument; default $OUT when set, else bench-out/gpu) gets few files, as
-at most 8 come back from a lent GPU machine: ``run.log`` (every stage's output), ``train.json``,
+The output folder (the argument; default $OUT when set, else bench-out/gpu) gets few files, as a
+transfer back from a remote GPU machine may be limited (8 files): ``run.log`` (every stage's output), ``train.json``,
 ``inference.json``, ``quality.json``, ``quality_curve.png`` and ``summary.json`` (per stage:
 command, exit code, seconds, whether it timed out, its result file).
 
