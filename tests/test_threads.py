@@ -65,3 +65,24 @@ def test_a_command_logs_what_it_chose_and_why(tmp_path):
     n, torch_n, policy = done.stdout.split()
     assert n == torch_n and policy == "PASSIVE" and 1 <= int(n) <= os.cpu_count()
     assert "CPU thread(s) (" in done.stderr and "idle threads sleep" in done.stderr
+
+
+def test_the_benchmark_measures_each_setting_in_its_own_process(tmp_path):
+    """bench.threads end to end at its smallest: the fixed setting runs the threads it names, the
+    commands' default decides by itself and says why; a busy process it starts does not outlive it."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "threads.json"
+    done = subprocess.run([sys.executable, "-m", "reverse_voicefilter.bench.threads", "--sizes", "tiny", "--workloads",
+                           "separate", "--settings", "one", "auto", "--loads", "0", "1", "--steps", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    for load in (0, 1):
+        one, auto = results[f"separate/tiny/one/{load}"], results[f"separate/tiny/auto/{load}"]
+        assert one["threads"] == 1 and one["seconds"] > 0 and one["reason"] == "OMP_NUM_THREADS=1"
+        assert auto["threads"] >= 1 and auto["seconds"] > 0 and "OMP_NUM_THREADS" not in auto["reason"]
+    leftover = subprocess.run(["pgrep", "-f", "while os.getppid"], capture_output=True, text=True).stdout.split()
+    assert not leftover

@@ -9,10 +9,10 @@ Settings (each in a fresh process: the OpenMP wait policy is read when torch loa
 * ``passive``  one thread per core, idle threads sleeping (``OMP_WAIT_POLICY=PASSIVE``);
 * ``auto``     the commands' default now: core.threads (cores less the busy ones, sleeping).
 
-The busy processes are ``python -c "while True: pass"``, started before the measured process and
-stopped after it. Each figure is the median of ``--steps`` calls after one warm-up. Figures on a
-machine where other jobs run mean little: stop them first (the ratios to ``one`` alone are what the
-README's advice rests on).
+The busy processes are Python loops (one core each, ending with this benchmark), started before
+the measured process and stopped after it. Each figure is the median of ``--steps`` calls after
+one warm-up. Figures on a machine where other jobs run mean little: stop them first (the ratios
+to ``one`` alone are what the README's advice rests on).
 
     .venv/bin/python -m reverse_voicefilter.bench.threads --sizes tiny --loads 0 1 --steps 3
     .venv/bin/python -m reverse_voicefilter.bench.threads --json bench-out/threads.json
@@ -30,6 +30,8 @@ from reverse_voicefilter.bench import common, machine
 SETTINGS = ("all", "cores-1", "one", "passive", "auto")
 WORKLOADS = ("train", "separate")
 TAG = "THREADS_RESULT "
+# one core kept busy until this benchmark ends, even when it is killed before it can stop them
+BUSY = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"
 
 
 def setting_env(setting, cores):
@@ -43,14 +45,18 @@ def setting_env(setting, cores):
 
 
 # ---- the measured process -------------------------------------------------------------------------
-def child(workload, size, steps):
+def child(workload, size, steps, setting):
     from reverse_voicefilter.core import threads
 
-    chosen = threads.configure(None)  # under OMP_NUM_THREADS (the fixed settings) it takes that
+    if setting == "auto":  # what the commands do: decide from the load, idle threads sleeping
+        threads.configure(None)
     import numpy as np
     import torch
 
-    threads.apply()
+    # the fixed settings leave torch and OpenMP to the environment setting_env() made
+    reason = threads.decide().reason if setting == "auto" else f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+    if setting == "auto":
+        threads.apply()
     from reverse_voicefilter.core.hparams import HParam
     from reverse_voicefilter.model.model import VoiceFilter
 
@@ -81,15 +87,15 @@ def child(workload, size, steps):
             separator.separate(wav, dvec, ["org"])
     times = common.time_call(call, torch.device("cpu"), warmup=1, repeats=steps)
     print(TAG + json.dumps({"seconds": statistics.median(times), "threads": torch.get_num_threads(),
-                            "reason": chosen.reason}), flush=True)
+                            "reason": reason}), flush=True)
 
 
 # ---- the parent -----------------------------------------------------------------------------------
 def measure(workload, size, setting, load, steps, timeout, cores):
-    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(load)]
+    busy = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(load)]
     try:
         time.sleep(0.5 if load else 0)  # the busy processes are running before the measured one starts
-        cmd = [sys.executable, "-m", __spec__.name, "--child", workload, size, str(steps)]
+        cmd = [sys.executable, "-m", __spec__.name, "--child", workload, size, str(steps), setting]
         done = subprocess.run(cmd, env=setting_env(setting, cores), capture_output=True, text=True, timeout=timeout)
         lines = [line for line in done.stdout.splitlines() if line.startswith(TAG)]
         if done.returncode or not lines:
@@ -136,11 +142,11 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3, help="timed calls per measurement (after one warm-up)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per measurement")
     p.add_argument("--json", default=None, metavar="PATH")
-    p.add_argument("--child", nargs=3, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=4, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        workload, size, steps = args.child
-        return child(workload, size, int(steps))
+        workload, size, steps, setting = args.child
+        return child(workload, size, int(steps), setting)
     import torch
 
     info = machine.describe_machine(torch.device("cpu"))
