@@ -54,8 +54,8 @@ RECIPES = {
     "warmup-cosine": lambda steps: {"train": {"lr_schedule": "warmup_cosine", "warmup_steps": max(1, steps // 10)}},
     # the demo's network (synthetic voices, 6000 steps, past its plateau) fine-tuned on the real pieces
     "warm-start": lambda steps: {},
-    # the same warm start with the rate warmed up over a tenth of the run and decayed to 5 %: the
-    # constant 1e-3 moved the demo's network away from what it had learned (curve in docs/recipes.md)
+    # the same warm start with the rate warmed up over a tenth of the run and decayed to 5 %: a
+    # constant 1e-3 from the first step may undo what the demo's network learned before it adapts
     "warm-start-decay": lambda steps: {"train": {"lr_schedule": "warmup_cosine", "warmup_steps": max(1, steps // 10)}},
     # more from the little data: a window anywhere in each piece, the interference within +-6 dB
     "augment": lambda steps: {"data": {"crop": "random", "gain_db": 6.0}},
