@@ -427,3 +427,27 @@ def test_a_second_evaluation_in_a_locked_out_dir_is_refused(setup, tmp_path, cap
         assert code == 2 and len(error_lines(err)) == 1, err
         assert error_lines(err)[0].startswith(f"error: {out} is in use by another run (process {holder.pid} on ")
         assert sorted(p.name for p in out.iterdir()) == [".lock", ".report.json.k2j_x9ab.tmp.json"]
+
+
+def test_a_full_disk_stops_with_one_line_and_leaves_no_temporary(setup, tmp_path, capsys, monkeypatch):
+    """ENOSPC injected where the report is flushed to the disk: one line naming the folder, exit 1,
+    no traceback, no temporary left in -o."""
+    from reverse_voicefilter.commands import evaluate
+    from reverse_voicefilter.core import atomic
+
+    real_fsync = atomic._fsync
+
+    def fsync_until_full(path, folder=False):
+        if not folder and ".report.json." in str(path):
+            raise OSError(28, "No space left on device")
+        return real_fsync(path, folder)
+
+    monkeypatch.setattr(atomic, "_fsync", fsync_until_full)
+    out = tmp_path / "o"
+    code, _, err = run_main(evaluate.main, eval_args(setup, out) + ["--mask", "org"], capsys)
+    assert code == 1 and "Traceback" not in err, err
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        f"error: no space left on the device of {out}: free some space and run again (the files written before "
+        f"are kept)"]
+    assert not [p.name for p in out.iterdir() if atomic.is_temporary(p.name)]
+    assert not (out / "report.json").exists()
