@@ -833,3 +833,28 @@ def test_best_pt_after_a_kill_mid_write_equals_the_uninterrupted_runs(data, scri
         assert best["model"].keys() == straight["model"].keys()
         assert all(torch.equal(best["model"][k], v) for k, v in straight["model"].items()), left
         assert load_checkpoint(folder / "chkpt_6.pt")["best_sdr"] == 5.0
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_earlier_ones(data, capsys, monkeypatch):
+    """ENOSPC injected where the second checkpoint is flushed: exit 1, one line naming the run
+    folder, the first checkpoint kept, no temporary left."""
+    from reverse_voicefilter.core import atomic
+
+    real_fsync = atomic._fsync
+
+    def fsync_until_full(path, folder=False):
+        if not folder and ".chkpt_4.pt." in str(path):
+            raise OSError(28, "No space left on device")
+        return real_fsync(path, folder)
+
+    monkeypatch.setattr(atomic, "_fsync", fsync_until_full)
+    config = write_config(data / "full.yaml", {"train": {"max_steps": 4, "checkpoint_interval": 2}})
+    folder = data / "chkpt" / "full"
+    code = cli("-c", config, "-e", data / "embedder.pt", "-m", "full", "-b", data, "--device", "cpu",
+               "--train_dir", data / "train", "--test_dir", data / "test")
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: no space left on the device of {folder}"), errors
+    assert (folder / "chkpt_2.pt").is_file() and not (folder / "chkpt_4.pt").exists()
+    assert not [p.name for p in folder.iterdir() if atomic.is_temporary(p.name)]
