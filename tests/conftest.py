@@ -43,3 +43,18 @@ def tone(seconds=1.0, rate=16000, freq=220.0, amp=0.3, seed=0):
     t = np.arange(int(seconds * rate)) / rate
     wav = sum(amp / k * np.sin(2 * np.pi * freq * k * t) for k in range(1, 6))
     return (wav + 0.01 * rng.standard_normal(t.size)).astype(np.float32)
+
+
+def disk_full_at_flush(monkeypatch, name_part):
+    """Make core.atomic's flush of any temporary whose name holds ``name_part`` fail with ENOSPC, as
+    a disk that fills up while the file is written."""
+    from reverse_voicefilter.core import atomic
+
+    real_fsync = atomic._fsync
+
+    def fsync_until_full(path, folder=False):
+        if not folder and name_part in str(path):
+            raise OSError(28, "No space left on device")
+        return real_fsync(path, folder)
+
+    monkeypatch.setattr(atomic, "_fsync", fsync_until_full)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from conftest import disk_full_at_flush
 from mir_eval.separation import bss_eval_sources
 from test_inference import (  # noqa: F401
     RATE,
@@ -435,14 +436,7 @@ def test_a_full_disk_stops_with_one_line_and_leaves_no_temporary(setup, tmp_path
     from reverse_voicefilter.commands import evaluate
     from reverse_voicefilter.core import atomic
 
-    real_fsync = atomic._fsync
-
-    def fsync_until_full(path, folder=False):
-        if not folder and ".report.json." in str(path):
-            raise OSError(28, "No space left on device")
-        return real_fsync(path, folder)
-
-    monkeypatch.setattr(atomic, "_fsync", fsync_until_full)
+    disk_full_at_flush(monkeypatch, ".report.json.")
     out = tmp_path / "o"
     code, _, err = run_main(evaluate.main, eval_args(setup, out) + ["--mask", "org"], capsys)
     assert code == 1 and "Traceback" not in err, err

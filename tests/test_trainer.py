@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import PARITY, ROOT, need
+from conftest import PARITY, ROOT, disk_full_at_flush, need
 
 from reverse_voicefilter.commands.trainer import main as trainer_main
 from reverse_voicefilter.core.audio import Audio, save_wav
@@ -840,14 +840,7 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_earlier_ones(data
     folder, the first checkpoint kept, no temporary left."""
     from reverse_voicefilter.core import atomic
 
-    real_fsync = atomic._fsync
-
-    def fsync_until_full(path, folder=False):
-        if not folder and ".chkpt_4.pt." in str(path):
-            raise OSError(28, "No space left on device")
-        return real_fsync(path, folder)
-
-    monkeypatch.setattr(atomic, "_fsync", fsync_until_full)
+    disk_full_at_flush(monkeypatch, ".chkpt_4.pt.")
     config = write_config(data / "full.yaml", {"train": {"max_steps": 4, "checkpoint_interval": 2}})
     folder = data / "chkpt" / "full"
     code = cli("-c", config, "-e", data / "embedder.pt", "-m", "full", "-b", data, "--device", "cpu",

@@ -194,7 +194,7 @@ def plan(args, wheel_bytes):
     chosen, train_bytes = choose_speakers(sizes, room, args.max_speakers)
     if room < 0 or len(chosen) < min(args.min_speakers, args.max_speakers or args.min_speakers, len(sizes)):
         parts = ", ".join(f"{k} {mib(v)}" for k, v in {**fixed, "margin": margin}.items())
-        raise UserError(f"the payload does not fit the {args.budget_mib:g} MiB the device tool carries: {parts} "
+        raise UserError(f"the payload does not fit the {args.budget_mib:g} MiB of --budget_mib: {parts} "
                         f"leave {mib(max(room, 0))} for {TRAIN}, where {len(chosen)} speakers fit, fewer than the "
                         f"{args.min_speakers} bench.quality needs (--min_speakers)")
     return {"budget_bytes": budget, "margin_bytes": margin, **{f"{k}_bytes": v for k, v in fixed.items()},
