@@ -841,9 +841,9 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_earlier_ones(data
     from reverse_voicefilter.core import atomic
 
     disk_full_at_flush(monkeypatch, ".chkpt_4.pt.")
-    config = write_config(data / "full.yaml", {"train": {"max_steps": 4, "checkpoint_interval": 2}})
-    folder = data / "chkpt" / "full"
-    code = cli("-c", config, "-e", data / "embedder.pt", "-m", "full", "-b", data, "--device", "cpu",
+    config = write_config(data / "disk-full.yaml", {"train": {"max_steps": 4, "checkpoint_interval": 2}})
+    folder = data / "chkpt" / "disk-full"
+    code = cli("-c", config, "-e", data / "embedder.pt", "-m", "disk-full", "-b", data, "--device", "cpu",
                "--train_dir", data / "train", "--test_dir", data / "test")
     err = capsys.readouterr().err
     assert code == 1 and "Traceback" not in err
