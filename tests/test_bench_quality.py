@@ -124,6 +124,22 @@ def test_quick_run_end_to_end_agrees_with_evaluate(libri_mini, tmp_path):
     assert "seed2: not trained, left out" in again.stdout
     assert not (out / "runs" / entry["name"].replace("seed1", "seed2")).exists()
     assert [r["seed"] for r in json.loads((out / "quality.json").read_text())["runs"]] == [1]
+    # a run of 3 steps continued by --resume to the 6 of --quick: the same network as 6 steps at once
+    out2 = tmp_path / "quality2"
+    for extra in (["--steps", "3"], ["--resume"]):
+        step = subprocess.run([sys.executable, "-m", "reverse_voicefilter.bench.quality", "--quick",
+                               "--eval_every", "3", *extra, "--data", str(libri_mini), "-o", str(out2)],
+                              cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert step.returncode == 0, step.stderr[-2000:]
+    assert f"{entry['name']}: resuming from chkpt_3.pt (6 steps)" in step.stdout
+    (resumed,) = json.loads((out2 / "quality.json").read_text())["runs"]
+    assert [p["step"] for p in resumed["curve"]] == [3, 6] and resumed["steps"] == 6
+    spans = json.loads((out2 / "runs" / entry["name"] / "segments.json").read_text())
+    assert len(spans) == 2 and all(end > start for start, end in spans)
+    import torch
+    weights = [torch.load(folder / "runs" / entry["name"] / "chkpt" / "model" / "chkpt_6.pt",
+                          weights_only=True)["model"] for folder in (out, out2)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     # the training data held no test speaker
     train_speakers = {p.name for p in (out / "data" / "libri" / "train-clean-100").iterdir()}
     test_speakers = {p.name for p in (libri_mini / "test-other").iterdir() if p.is_dir()}
@@ -159,3 +175,34 @@ def test_every_recipe_makes_a_config_the_trainer_accepts(recipe, tmp_path):
         assert flags[0] == "--init_from" and Path(flags[1]).is_file()
     if recipe in ("warmup-cosine", "warm-start-decay"):
         assert sections["train"]["lr_schedule"] == "warmup_cosine" and sections["train"]["warmup_steps"] == 300
+
+
+def test_resume_continues_only_the_same_recipe(tmp_path):
+    def config(steps, recipe="original"):
+        args = quality.parse_args(["--steps", str(steps), "--eval_every", "500", "--resume", "--workers", "0"])
+        return args, quality.run_config(args, tmp_path / "libri", tmp_path / "test", 1, False, recipe)
+
+    args, text = config(3000)
+    run_dir = tmp_path / "run"
+    (run_dir / "chkpt" / "model").mkdir(parents=True)
+    assert quality.resume_point(args, run_dir, text) is None  # nothing trained yet
+    (run_dir / "config.yaml").write_text(config(2000)[1])
+    (run_dir / "chkpt" / "model" / "chkpt_1500.pt").write_bytes(b"")
+    # a larger --steps with a constant rate continues from the latest checkpoint
+    assert quality.resume_point(args, run_dir, text) == (run_dir / "chkpt" / "model" / "chkpt_1500.pt", [])
+    # another recipe, or a decaying rate whose end moves with --steps, is refused
+    for recipe in ("film", "warmup-cosine"):
+        other = config(3000, recipe)[1]
+        with pytest.raises(SystemExit, match="--resume: run was trained with another config"):
+            quality.resume_point(args, run_dir, other)
+    # a run at its --steps already has nothing to continue
+    assert quality.resume_point(config(1500)[0], run_dir, config(1500)[1]) is None
+
+
+def test_training_minutes_leave_out_the_pauses():
+    from reverse_voicefilter.bench.quality_report import training_minutes
+    spans = [[0, 600], [4200, 4800], [6000, None]]
+    assert training_minutes(spans, until=300) == 5
+    assert training_minutes(spans, until=4500) == 15  # 10 min, an hour's pause, 5 min
+    assert training_minutes(spans, until=6060) == 21
+    assert training_minutes(spans[:2]) == 20

@@ -21,7 +21,10 @@ project's own code:
 The curve (the checkpoints on the first ``--curve_samples`` test mixtures) and the final table
 (the last checkpoint on all of them) are printed, written to OUT/quality.json (and ``--json``)
 and drawn in OUT/quality_curve.png. A run folder that finished is reused: a second invocation
-with the same settings only scores (delete OUT/runs/NAME to train again).
+with the same settings only scores (delete OUT/runs/NAME to train again). ``--resume`` continues a
+run that was stopped (a crash, Ctrl-C, SIGTERM) from its latest checkpoint instead of starting it
+over, and extends a run to a larger ``--steps`` where the learning rate does not depend on it; the
+curve's minutes are training time, the pauses between the pieces left out.
 
     .venv/bin/python -m reverse_voicefilter.bench.quality --quick                 # < 2 min: a check that it works
     .venv/bin/python -m reverse_voicefilter.bench.quality --size tiny --minutes 30 --seeds 1 2 --reverse
@@ -36,10 +39,17 @@ import sys
 import time
 from pathlib import Path
 
-from reverse_voicefilter.bench import common, machine, quality_data, quality_report
-from reverse_voicefilter.core.atomic import write_text
-from reverse_voicefilter.core.hparams import HParam, dump, merge
-from reverse_voicefilter.core.jsonfile import json_text, write_json
+from reverse_voicefilter.core import threads as thread_choice
+
+if __name__ == "__main__":
+    # the scoring in this process beside running trainers: the load-aware thread count, idle threads
+    # sleeping (read by OpenMP when torch loads); torch's default spinning threads made it 10x slower
+    thread_choice.configure(None)
+
+from reverse_voicefilter.bench import common, machine, quality_data, quality_report  # noqa: E402
+from reverse_voicefilter.core.atomic import write_text  # noqa: E402
+from reverse_voicefilter.core.hparams import HParam, dump, merge  # noqa: E402
+from reverse_voicefilter.core.jsonfile import json_text, write_json  # noqa: E402
 
 ROOT = common.ROOT
 EMBEDDER = "resemblyzer"
@@ -89,6 +99,9 @@ def parse_args(argv=None):
     p.add_argument("--score_only", action="store_true",
                    help="train nothing: gather and score the runs of this selection that finished before "
                         "(e.g. runs made in parallel, one per process); the others are left out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue each run of this selection that stopped before --steps from its latest "
+                        "checkpoint (the same config; --steps may be raised with a constant learning rate)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--threads", type=int, default=0, help="CPU threads of each trainer (default: torch's)")
@@ -163,13 +176,43 @@ def run_name(args, seed, reverse, recipe):
     return f"{args.size}-{recipe}-{'reverse' if reverse else 'normal'}-seed{seed}"
 
 
+def _sections(config_text, ignore_max_steps):
+    import yaml
+    sections = {k: v for doc in yaml.safe_load_all(config_text) if doc for k, v in doc.items()}
+    if ignore_max_steps:
+        sections["train"] = {k: v for k, v in sections["train"].items() if k != "max_steps"}
+    return sections
+
+
+def resume_point(args, run_dir, config_text):
+    """``--resume``: the latest checkpoint of a run stopped before ``--steps`` and the training
+    segments (``[start, end]`` wall times) it had, or None where there is nothing to continue. Exits
+    with one line where the run was made with another config: continuing it would mix two recipes."""
+    found = quality_report.checkpoints(run_dir)
+    config = run_dir / "config.yaml"
+    if not found or not config.is_file():
+        return None
+    last = max(found)
+    if args.steps and last >= args.steps:
+        return None
+    old = config.read_text()
+    if old != config_text:
+        # a larger --steps changes only train.max_steps, which moves the end of a decaying rate
+        constant = _sections(config_text, False)["train"].get("lr_schedule", "constant") == "constant"
+        if not constant or _sections(old, True) != _sections(config_text, True):
+            sys.exit(f"error: --resume: {run_dir.name} was trained with another config ({config}); "
+                     "leave out --resume to train it again from the start")
+    return found[last], quality_report.segments(run_dir)
+
+
 def train(args, run_dir, config_text, device, recipe="original", on_checkpoint=None):
     """Train one model in ``run_dir`` (unless it finished before with the same config); returns the
-    run's record: start and end times, exit code, steps. While the trainer runs, ``on_checkpoint(start)``
-    is called every few seconds (scoring the checkpoints written so far, so that a run cut short
-    still leaves its curve)."""
+    run's record: start and end times, training segments, exit code, steps. While the trainer runs,
+    ``on_checkpoint(segments)`` is called every few seconds (scoring the checkpoints written so far,
+    so that a run cut short still leaves its curve)."""
     record_path = run_dir / "run.json"
-    if record_path.is_file():
+    resume = resume_point(args, run_dir, config_text) if args.resume else None
+    if record_path.is_file() and resume is None:
         record = json.loads(record_path.read_text())
         if record.get("config") == config_text and record.get("budget") == [args.steps, args.minutes]:
             print(f"{run_dir.name}: trained before ({record['steps']} steps), scoring only", flush=True)
@@ -178,13 +221,22 @@ def train(args, run_dir, config_text, device, recipe="original", on_checkpoint=N
     config = run_dir / "config.yaml"
     write_text(config, config_text)
     cmd = [sys.executable, str(ROOT / "trainer.py"), "-c", str(config), "-e", EMBEDDER, "-m", "model",
-           "-b", str(run_dir), "--device", device, "--overwrite", *RECIPE_FLAGS.get(recipe, [])]
+           "-b", str(run_dir), "--device", device]
+    if resume is None:
+        cmd += ["--overwrite", *RECIPE_FLAGS.get(recipe, [])]
+        segments = []
+    else:
+        checkpoint, segments = resume
+        cmd += ["--checkpoint_path", str(checkpoint)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    print(f"{run_dir.name}: training ({f'{args.steps} steps' if args.steps else f'{args.minutes} min'})",
-          flush=True)
+    budget = f'{args.steps} steps' if args.steps else f'{args.minutes} min'
+    print(f"{run_dir.name}: training ({budget})" if resume is None else
+          f"{run_dir.name}: resuming from {resume[0].name} ({budget})", flush=True)
     start = time.time()
-    with open(run_dir / "train.log", "w") as log:
+    segments = [*segments, [start, None]]
+    write_json(run_dir / "segments.json", segments)
+    with open(run_dir / "train.log", "w" if resume is None else "a") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         deadline = start + args.minutes * 60 if args.minutes else None
         try:
@@ -196,7 +248,7 @@ def train(args, run_dir, config_text, device, recipe="original", on_checkpoint=N
                     proc.wait(timeout=POLL_SECONDS if left is None else min(POLL_SECONDS, left))
                 except subprocess.TimeoutExpired:
                     if on_checkpoint is not None:
-                        on_checkpoint(start)
+                        on_checkpoint(segments)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGTERM)  # the trainer checkpoints the step it is at, then exits 143
             proc.wait()
@@ -205,12 +257,14 @@ def train(args, run_dir, config_text, device, recipe="original", on_checkpoint=N
             proc.wait()
             raise
     end = time.time()
+    segments[-1][1] = end
+    write_json(run_dir / "segments.json", segments)
     checkpoints = quality_report.checkpoints(run_dir)
     if proc.returncode not in (0, 143) or not checkpoints:
         tail = (run_dir / "train.log").read_text().strip().splitlines()[-3:]
         sys.exit(f"error: the trainer of {run_dir.name} failed (exit {proc.returncode}): " + " | ".join(tail))
-    record = {"config": config_text, "budget": [args.steps, args.minutes], "start": start, "end": end,
-              "exit": proc.returncode, "steps": max(checkpoints), "threads": args.threads or None}
+    record = {"config": config_text, "budget": [args.steps, args.minutes], "start": segments[0][0], "end": end,
+              "segments": segments, "exit": proc.returncode, "steps": max(checkpoints), "threads": args.threads or None}
     write_json(record_path, record)
     return record
 
@@ -224,6 +278,8 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     torch_device = common.pick(args.device)
     device = str(torch_device)
+    if torch_device.type == "cpu":  # the scoring's threads (each trainer has --threads)
+        print(f"scoring: {thread_choice.apply()} CPU thread(s) ({thread_choice.decide().reason})", flush=True)
     if args.workers is None:  # on a CPU the loader processes would take the training's cores
         args.workers = 0 if torch_device.type == "cpu" else max(0, min(8, (os.cpu_count() or 1) - 2))
     out = Path(args.out)
@@ -260,8 +316,8 @@ def main(argv=None):
                         continue
                     record = json.loads((run_dir / "run.json").read_text())
                 else:
-                    def score_so_far(start, run_dir=run_dir, name=name):
-                        curve = quality_report.score_curve(run_dir, start, data["test_dir"], torch_device,
+                    def score_so_far(segments, run_dir=run_dir, name=name):
+                        curve = quality_report.score_curve(run_dir, segments, data["test_dir"], torch_device,
                                                            args.curve_samples, args.jobs, MODES)
                         write_json(run_dir / "curve.json", {"name": name, "curve": curve})
                         publish({"name": name, "curve": curve})

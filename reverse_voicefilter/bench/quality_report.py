@@ -45,9 +45,28 @@ def _load(path, device):
     return load_separator(None, path, "resemblyzer", device, batch_size=8)
 
 
-def score_curve(run_dir, start, test_dir, device, curve_samples, jobs, modes):
+def segments(run_dir):
+    """The ``[start, end]`` wall times of the trainer processes of a run (end None: still running or
+    killed), from ``run_dir/segments.json``; [] for a run that has none."""
+    path = Path(run_dir) / "segments.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def training_minutes(segments, until=None):
+    """Minutes spent training up to wall time ``until`` (default: the end), pauses between segments
+    left out; a segment with no end counts up to ``until``."""
+    total = 0.0
+    for start, end in segments:
+        stop = until if end is None else (end if until is None else min(end, until))
+        if stop is not None and stop > start:
+            total += stop - start
+    return total / 60
+
+
+def score_curve(run_dir, segments, test_dir, device, curve_samples, jobs, modes):
     """The curve so far: every checkpoint of the run on the first ``curve_samples`` test mixtures, each
-    point scored once and kept in ``run_dir/scores`` (so it can be called while the run trains)."""
+    point scored once and kept in ``run_dir/scores`` (so it can be called while the run trains); a
+    point's minutes are the training time (``segments``) up to its checkpoint's writing."""
     curve = []
     for step, path in sorted(checkpoints(run_dir).items()):
         cached = Path(run_dir) / "scores" / f"step{step}-n{curve_samples}.json"
@@ -60,7 +79,7 @@ def score_curve(run_dir, start, test_dir, device, curve_samples, jobs, modes):
             modes_summary = _modes_summary(summarize(rows, list(modes), info["targets"]))
             cached.parent.mkdir(parents=True, exist_ok=True)
             write_json(cached, modes_summary)
-        minutes = (os.path.getmtime(path) - start) / 60
+        minutes = training_minutes(segments, os.path.getmtime(path))
         curve.append({"step": step, "minutes": round(minutes, 2), "modes": modes_summary})
     return curve
 
@@ -72,7 +91,8 @@ def score_run(run_dir, record, test_dir, device, curve_samples, final_samples, j
     ``run_dir/final``) and reused."""
     run_dir = Path(run_dir)
     found = checkpoints(run_dir)
-    curve = score_curve(run_dir, record["start"], test_dir, device, curve_samples, jobs, modes)
+    spans = record.get("segments") or [[record["start"], record["end"]]]
+    curve = score_curve(run_dir, spans, test_dir, device, curve_samples, jobs, modes)
     last_step, last = max(found.items())
     final_dir = run_dir / "final"
     report_path = final_dir / "report.json"
@@ -85,7 +105,7 @@ def score_run(run_dir, record, test_dir, device, curve_samples, final_samples, j
         report = run_evaluation(separator, test_dir, final_dir, list(modes), 0.7, limit=final_samples, jobs=jobs,
                                 progress=False, meta={"checkpoint": str(last), "embedder": "resemblyzer",
                                                       "device": str(device), "limit": final_samples})
-    return {"steps": last_step, "train_minutes": round((record["end"] - record["start"]) / 60, 2),
+    return {"steps": last_step, "train_minutes": round(training_minutes(spans), 2),
             "curve": curve, "final": {"checkpoint": str(last), "samples": report["counts"]["samples"],
                                       "org_keeps": report["org_scored_against"]["org_keeps"],
                                       "modes": _modes_summary(report["modes"])},
