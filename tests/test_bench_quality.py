@@ -1,5 +1,6 @@
 """bench/quality.py: its data (pieces cut at pauses, test triplets) and its figures."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -126,6 +127,7 @@ def test_quick_run_end_to_end_agrees_with_evaluate(libri_mini, tmp_path):
     assert [r["seed"] for r in json.loads((out / "quality.json").read_text())["runs"]] == [1]
     # a run of 3 steps continued by --resume to the 6 of --quick: the same network as 6 steps at once
     out2 = tmp_path / "quality2"
+    shutil.copytree(out / "data", out2 / "data")  # made once, reused: only the training is new
     for extra in (["--steps", "3"], ["--resume"]):
         step = subprocess.run([sys.executable, "-m", "reverse_voicefilter.bench.quality", "--quick",
                                "--eval_every", "3", *extra, "--data", str(libri_mini), "-o", str(out2)],
