@@ -139,8 +139,10 @@ def test_quick_run_end_to_end_agrees_with_evaluate(libri_mini, tmp_path):
     spans = json.loads((out2 / "runs" / entry["name"] / "segments.json").read_text())
     assert len(spans) == 2 and all(end > start for start, end in spans)
     import torch
-    weights = [torch.load(folder / "runs" / entry["name"] / "chkpt" / "model" / "chkpt_6.pt",
-                          weights_only=True)["model"] for folder in (out, out2)]
+
+    from reverse_voicefilter.core.checkpoint import load_checkpoint
+    weights = [load_checkpoint(folder / "runs" / entry["name"] / "chkpt" / "model" / "chkpt_6.pt")["model"]
+               for folder in (out, out2)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     # the training data held no test speaker
     train_speakers = {p.name for p in (out / "data" / "libri" / "train-clean-100").iterdir()}

@@ -176,14 +176,6 @@ def run_name(args, seed, reverse, recipe):
     return f"{args.size}-{recipe}-{'reverse' if reverse else 'normal'}-seed{seed}"
 
 
-def _sections(config_text, ignore_max_steps):
-    import yaml
-    sections = {k: v for doc in yaml.safe_load_all(config_text) if doc for k, v in doc.items()}
-    if ignore_max_steps:
-        sections["train"] = {k: v for k, v in sections["train"].items() if k != "max_steps"}
-    return sections
-
-
 def resume_point(args, run_dir, config_text):
     """``--resume``: the latest checkpoint of a run stopped before ``--steps`` and the training
     segments (``[start, end]`` wall times) it had, or None where there is nothing to continue. Exits
@@ -198,8 +190,9 @@ def resume_point(args, run_dir, config_text):
     old = config.read_text()
     if old != config_text:
         # a larger --steps changes only train.max_steps, which moves the end of a decaying rate
-        constant = _sections(config_text, False)["train"].get("lr_schedule", "constant") == "constant"
-        if not constant or _sections(old, True) != _sections(config_text, True):
+        before, now = HParam.from_string(old).to_dict(), HParam.from_string(config_text).to_dict()
+        before["train"]["max_steps"] = now["train"]["max_steps"]
+        if now["train"]["lr_schedule"] != "constant" or before != now:
             sys.exit(f"error: --resume: {run_dir.name} was trained with another config ({config}); "
                      "leave out --resume to train it again from the start")
     return found[last], quality_report.segments(run_dir)
