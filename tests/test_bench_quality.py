@@ -210,3 +210,12 @@ def test_training_minutes_leave_out_the_pauses():
     assert training_minutes(spans, until=4500) == 15  # 10 min, an hour's pause, 5 min
     assert training_minutes(spans, until=6060) == 21
     assert training_minutes(spans[:2]) == 20
+
+
+def test_scoring_leaves_its_own_trainers_cores():
+    # chosen at start (2 cores, idle): 2 threads, but while the trainer (started later) runs with
+    # --threads 1 the scoring takes 1, and with torch's default (all cores) still 1, never 0
+    assert quality.scoring_threads(2, cores=2, trainer_threads=1, training=True) == 1
+    assert quality.scoring_threads(2, cores=2, trainer_threads=0, training=True) == 1
+    assert quality.scoring_threads(16, cores=16, trainer_threads=4, training=True) == 12
+    assert quality.scoring_threads(2, cores=2, trainer_threads=1, training=False) == 2

@@ -262,6 +262,15 @@ def train(args, run_dir, config_text, device, recipe="original", on_checkpoint=N
     return record
 
 
+def scoring_threads(chosen, cores, trainer_threads, training):
+    """The scoring's CPU threads: the load-aware choice made at start (``chosen``), less the cores of
+    this process's own trainer while it runs (``trainer_threads``; 0: torch's default, all cores),
+    which started after that choice and so is not in it."""
+    if not training:
+        return chosen
+    return max(1, chosen - (trainer_threads or cores))
+
+
 def _raise_on_sigterm(signum, frame):
     raise SystemExit(143)  # so train() stops its trainer (which checkpoints) instead of leaving it running
 
@@ -271,8 +280,18 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     torch_device = common.pick(args.device)
     device = str(torch_device)
+    chosen = None
     if torch_device.type == "cpu":  # the scoring's threads (each trainer has --threads)
-        print(f"scoring: {thread_choice.apply()} CPU thread(s) ({thread_choice.decide().reason})", flush=True)
+        chosen = thread_choice.apply()
+        print(f"scoring: {chosen} CPU thread(s) ({thread_choice.decide().reason}), "
+              f"{scoring_threads(chosen, thread_choice.usable_cores(), args.threads, True)} while a trainer runs",
+              flush=True)
+
+    def set_scoring_threads(training):
+        if chosen is not None:
+            import torch
+
+            torch.set_num_threads(scoring_threads(chosen, thread_choice.usable_cores(), args.threads, training))
     if args.workers is None:  # on a CPU the loader processes would take the training's cores
         args.workers = 0 if torch_device.type == "cpu" else max(0, min(8, (os.cpu_count() or 1) - 2))
     out = Path(args.out)
@@ -310,11 +329,13 @@ def main(argv=None):
                     record = json.loads((run_dir / "run.json").read_text())
                 else:
                     def score_so_far(segments, run_dir=run_dir, name=name):
+                        set_scoring_threads(training=True)
                         curve = quality_report.score_curve(run_dir, segments, data["test_dir"], torch_device,
                                                            args.curve_samples, args.jobs, MODES)
                         write_json(run_dir / "curve.json", {"name": name, "curve": curve})
                         publish({"name": name, "curve": curve})
                     record = train(args, run_dir, text, device, recipe, on_checkpoint=score_so_far)
+                    set_scoring_threads(training=False)
                 scored = quality_report.score_run(run_dir, record, data["test_dir"], torch_device, args.curve_samples,
                                                   args.final_samples, args.jobs, MODES)
                 runs.append({"name": name, "recipe": recipe, "reverse": reverse, "seed": seed, **scored})
