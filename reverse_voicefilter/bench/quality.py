@@ -110,7 +110,8 @@ def parse_args(argv=None):
                    help="data loader processes of each trainer (train.num_workers; default: none on a CPU, where "
                         "they would take the training's cores, up to 8 on a GPU machine)")
     p.add_argument("--channels_last", action="store_true",
-                   help="train with train.channels_last (the same model, a faster step on CPUs)")
+                   help="train with train.channels_last (the same model, a faster step on CPUs; "
+                        "config/tiny.yaml has it on)")
     p.add_argument("--curve_samples", type=int, default=40, help="test mixtures scored at each curve point")
     p.add_argument("--final_samples", type=int, default=0,
                    help="test mixtures scored with the last checkpoint (0: all of them)")
@@ -189,9 +190,11 @@ def resume_point(args, run_dir, config_text):
         return None
     old = config.read_text()
     if old != config_text:
-        # a larger --steps changes only train.max_steps, which moves the end of a decaying rate
+        # a larger --steps changes only train.max_steps, which moves the end of a decaying rate; the
+        # memory format is the same model
         before, now = HParam.from_string(old).to_dict(), HParam.from_string(config_text).to_dict()
-        before["train"]["max_steps"] = now["train"]["max_steps"]
+        for key in ("max_steps", "channels_last"):
+            before["train"][key] = now["train"][key]
         if now["train"]["lr_schedule"] != "constant" or before != now:
             sys.exit(f"error: --resume: {run_dir.name} was trained with another config ({config}); "
                      "leave out --resume to train it again from the start")

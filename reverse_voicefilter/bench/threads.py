@@ -7,6 +7,8 @@ Settings (each in a fresh process: the OpenMP wait policy is read when torch loa
 * ``cores-1``  one thread fewer than cores, spinning;
 * ``one``      one thread;
 * ``passive``  one thread per core, idle threads sleeping (``OMP_WAIT_POLICY=PASSIVE``);
+* ``short-spin`` one thread per core, idle threads spinning a short while before they sleep
+  (``GOMP_SPINCOUNT``, GNU OpenMP's, which torch's Linux wheels use; 300,000 by default);
 * ``auto``     the commands' default now: core.threads (cores less the busy ones, sleeping).
 
 The busy processes are Python loops (one core each, ending with this benchmark), started before
@@ -27,7 +29,8 @@ import time
 
 from reverse_voicefilter.bench import common, machine
 
-SETTINGS = ("all", "cores-1", "one", "passive", "auto")
+SETTINGS = ("all", "cores-1", "one", "passive", "short-spin", "auto")
+SHORT_SPIN = 10000
 WORKLOADS = ("train", "separate")
 TAG = "THREADS_RESULT "
 # one core kept busy until this benchmark ends, even when it is killed before it can stop them
@@ -35,12 +38,15 @@ BUSY = "import os\nparent = os.getppid()\nwhile os.getppid() == parent: pass"
 
 
 def setting_env(setting, cores):
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS")}
-    threads = {"all": cores, "cores-1": max(1, cores - 1), "one": 1, "passive": cores}.get(setting)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS", "GOMP_SPINCOUNT")}
+    threads = {"all": cores, "cores-1": max(1, cores - 1), "one": 1, "passive": cores, "short-spin": cores}.get(setting)
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     if setting == "passive":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
+    if setting == "short-spin":
+        env["GOMP_SPINCOUNT"] = str(SHORT_SPIN)
     return env
 
 

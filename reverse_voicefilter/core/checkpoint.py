@@ -30,7 +30,9 @@ CHECKPOINT_NAME = re.compile(r"^chkpt_(\d+)\.pt$")
 LEGACY_TEMPORARY_SUFFIXES = (".pt.tmp", ".yaml.tmp")
 # Where the data lie and when to stop are not hyper-parameters: a resume that changes only
 # these (a moved data folder, a longer run) is not warned about.
-NOT_HYPERPARAMETERS = {"train.max_steps", "data.train_dir", "data.test_dir"}
+# keys whose change on resume is not worth a warning: the budget, the data folders, and the conv
+# stack's memory format (the same model and values to float rounding)
+NOT_HYPERPARAMETERS = {"train.max_steps", "data.train_dir", "data.test_dir", "train.channels_last"}
 _NO_CHECKPOINT, _UNREADABLE = object(), object()  # what came before a checkpoint, for restore_best
 
 

@@ -73,7 +73,8 @@ class VoiceFilter(nn.Module):
             ]
             in_ch = width
         # cnn8 had no pad layer in the original, hence indices 28/29.
-        layers += [nn.Conv2d(width, PROJ_CHANNELS, kernel_size=(1, 1)), nn.BatchNorm2d(PROJ_CHANNELS), nn.ReLU(inplace=True)]
+        layers += [nn.Conv2d(width, PROJ_CHANNELS, kernel_size=(1, 1)), nn.BatchNorm2d(PROJ_CHANNELS),
+                   nn.ReLU(inplace=True)]
         # In-place ReLUs: batch norm's backward reads its input, not its output, so the ReLU may
         # overwrite the output; one activation buffer less per block, the same gradients bit for
         # bit, and a tiny training step about 5 % faster on a CPU.
