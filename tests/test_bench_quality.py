@@ -194,6 +194,10 @@ def test_resume_continues_only_the_same_recipe(tmp_path):
     (run_dir / "chkpt" / "model" / "chkpt_1500.pt").write_bytes(b"")
     # a larger --steps with a constant rate continues from the latest checkpoint
     assert quality.resume_point(args, run_dir, text) == (run_dir / "chkpt" / "model" / "chkpt_1500.pt", [])
+    # so does a run made in the NCHW memory format (the same model)
+    (run_dir / "config.yaml").write_text(config(2000)[1].replace("channels_last: true", "channels_last: false"))
+    assert "channels_last: false" in (run_dir / "config.yaml").read_text()
+    assert quality.resume_point(args, run_dir, text) == (run_dir / "chkpt" / "model" / "chkpt_1500.pt", [])
     # another recipe, or a decaying rate whose end moves with --steps, is refused
     for recipe in ("film", "warmup-cosine"):
         other = config(3000, recipe)[1]
