@@ -436,3 +436,39 @@ def test_a_folder_given_as_the_checkpoint_says_so(corpus, tmp_path, capsys):
     assert code == 2 and errors == [f"error: --checkpoint_path {tmp_path / 'old'} is a folder, not a checkpoint: "
                                     f"give a checkpoint file (chkpt_STEP.pt), e.g. {tmp_path / 'old' / 'chkpt_7.pt'}"]
     assert not (tmp_path / "chkpt").exists()
+
+
+EMBEDDER_ON_A_FULL_DISK = """
+import sys
+import tensorboardX
+import tensorboardX.event_file_writer as tb
+from reverse_voicefilter.commands.embedder_trainer import console
+
+def full(self, event):
+    raise OSError(28, "No space left on device")
+
+opened = tensorboardX.SummaryWriter.__init__
+
+def open_then_fill(self, *args, **kwargs):
+    opened(self, *args, **kwargs)
+    tb.EventsWriter.write_event = full  # the disk fills up after the start (the checkpoints' stays free)
+
+tensorboardX.SummaryWriter.__init__ = open_then_fill
+sys.argv = ["embedder_trainer.py", *sys.argv[1:]]
+console()
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_embedders_tensorboard_logging_not_its_training(corpus, tmp_path):
+    # the embedder's trainer used tensorboardX's writer as it is: its events waited forever for the
+    # writing thread a full disk had ended, and so did the exit
+    config = write_config(tmp_path / "c.yaml", {"max_steps": 4, "checkpoint_interval": 2, "summary_interval": 1})
+    proc = subprocess.run([sys.executable, "-c", EMBEDDER_ON_A_FULL_DISK, "-c", str(config), "-m", "full", "-b",
+                           str(tmp_path), "--libri_dir", str(corpus), "--device", "cpu"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=SCRIPT_ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("TensorBoard logging stopped") == 1, proc.stderr[-2000:]
+    assert load_checkpoint(tmp_path / "chkpt" / "full" / "chkpt_4.pt")["step"] == 4
+    assert (tmp_path / "chkpt" / "full" / "embedder.pt").is_file()

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from reverse_voicefilter.core.atomic import remove_stale_temporaries, save_torch, write_text
@@ -43,6 +42,7 @@ from reverse_voicefilter.core.errors import TrainingDiverged, UserError
 from reverse_voicefilter.core.hparams import HParam
 from reverse_voicefilter.core.runlock import folder_lock
 from reverse_voicefilter.core.signals import StopSignals, signal_exit_code
+from reverse_voicefilter.core.summary_writer import SafeSummaryWriter
 from reverse_voicefilter.embedding.config import ge2e_config_changes
 from reverse_voicefilter.embedding.data import BatchSource, find_training_speakers, utterance_lists
 from reverse_voicefilter.embedding.eer import evaluate_trials, folder_trials
@@ -134,7 +134,7 @@ class Run:
     chkpt_dir: Path
     step: int = 0
     eer_history: list = field(default_factory=list)  # [(step, eer)]
-    writer: SummaryWriter | None = None
+    writer: SafeSummaryWriter | None = None
 
 
 def train_step(run, crops):
@@ -183,11 +183,12 @@ def validate(run, trials, progress):
     result = evaluate_trials(frozen, trials, load=load_utterance, progress=progress)
     run.eer_history.append((run.step, result["eer"]))
     if run.writer is not None:
-        run.writer.add_scalar("validation_EER", result["eer"], run.step)
-        utts = list(result["embeddings"])  # projected in TensorBoard, labelled by speaker folder
-        run.writer.add_embedding(torch.from_numpy(np.stack([result["embeddings"][u] for u in utts])).float(),
-                                 metadata=[Path(u.path).parent.parent.name for u in utts],
-                                 global_step=run.step, tag="validation_embeddings")
+        run.writer.scalar("validation_EER", result["eer"], run.step)
+        if run.writer.writing():
+            utts = list(result["embeddings"])  # projected in TensorBoard, labelled by speaker folder
+            run.writer.add_embedding(torch.from_numpy(np.stack([result["embeddings"][u] for u in utts])).float(),
+                                     metadata=[Path(u.path).parent.parent.name for u in utts],
+                                     global_step=run.step, tag="validation_embeddings")
     logger.info("step %d: validation EER %.2f %% (%d same, %d different pairs)", run.step, 100 * result["eer"],
                 result["same_trials"], result["different_trials"])
     return result["eer"]
@@ -269,7 +270,7 @@ def run_training(hp, name, base_dir=".", checkpoint_path=None, overwrite=False, 
         if overwrite:  # after ge2e.init was read, which may be this folder's embedder.pt
             clear_earlier_run(chkpt_dir, keep=g.init or None, product=EMBEDDER_NAME)
         write_text(chkpt_dir / CONFIG_NAME, hp.hp_str)
-        run.writer = SummaryWriter(str(log_dir))
+        run.writer = SafeSummaryWriter(str(log_dir))
         cleanup.callback(run.writer.close)
         return _loop(run, source, trials, progress)
 
@@ -291,9 +292,9 @@ def _loop(run, source, trials, progress):
             run.step += 1
             bar.update()
             if run.step % g.summary_interval == 0:
-                run.writer.add_scalar("train_loss", loss, run.step)
-                run.writer.add_scalar("learning_rate", run.optimizer.param_groups[0]["lr"], run.step)
-                run.writer.add_scalar("ge2e_w", run.loss_fn.w.item(), run.step)
+                run.writer.scalar("train_loss", loss, run.step)
+                run.writer.scalar("learning_rate", run.optimizer.param_groups[0]["lr"], run.step)
+                run.writer.scalar("ge2e_w", run.loss_fn.w.item(), run.step)
                 bar.set_postfix(loss=f"{loss:.3f}")
             if run.step % g.checkpoint_interval == 0 or run.step == g.max_steps:
                 if trials:
