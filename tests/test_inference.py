@@ -693,11 +693,12 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_earlier_results(tiny, tmp
     monkeypatch.setattr(audio, "_write_float_wav", write_until_full)
     out = tmp_path / "out"
     argv = base_args(tiny, out, "-m", tiny["mixes"] / "mix1.wav", tiny["mixes"] / "mix2.wav")
-    code, _, err = run_main(inference.main, argv, capsys)
+    code, stdout, err = run_main(inference.main, argv, capsys)
     assert code == 1 and "Traceback" not in err
     assert error_lines(err) == [f"error: no space left on the device of {out}: free some space and run again (the "
                                 f"files written before are kept)"]
     assert sorted(p.name for p in out.iterdir()) == ["mix1-result.wav"]  # no temporary, no half file
+    assert stdout.splitlines() == [str(out / "mix1-result.wav")]  # named as it was written, before the stop
     assert sf.info(out / "mix1-result.wav").frames == RATE * 3
 
 

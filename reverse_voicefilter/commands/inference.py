@@ -112,9 +112,7 @@ def main(argv=None):
                                    overlap_seconds=args.overlap_seconds, batch_size=args.batch_size,
                                    eps=args.inv_div_eps)
         run = separate_files(separator, inputs, references, args.out_dir, modes, factor=args.factor,
-                             plot=args.plot, progress=len(inputs) > 1)
-    for path in run.written:
-        print_path(path)
+                             plot=args.plot, progress=len(inputs) > 1, on_written=print_path)
     return report_failures(run.failed, len(inputs))
 
 
@@ -124,6 +122,7 @@ def print_path(path):
     line = f"{path}\n"
     try:
         sys.stdout.write(line)
+        sys.stdout.flush()  # as it is written: a pipe or a log sees each result when it exists
     except UnicodeEncodeError:
         sys.stdout.flush()
         sys.stdout.buffer.write(os.fsencode(line))

@@ -54,8 +54,11 @@ class SeparationRun:
 
 
 def separate_files(separator, inputs, references, out_dir, modes, factor=DEFAULT_FACTOR, plot=False,
-                   progress=True):
+                   progress=True, on_written=None):
     """Separate files and write the results; returns a :class:`SeparationRun`.
+
+    ``on_written(path)`` is called as each file is written (a long folder run shows its results as
+    they come, and one stopped midway has named what it wrote).
 
     ``references`` pairs with ``inputs`` (see :func:`pair_references`); each distinct
     reference's d-vector is computed once. Mixtures are loaded one at a time. An input that
@@ -88,6 +91,12 @@ def separate_files(separator, inputs, references, out_dir, modes, factor=DEFAULT
             yield i, wav, dvec
 
     written = []
+
+    def wrote(out_path):
+        written.append(out_path)
+        if on_written is not None:
+            on_written(out_path)
+
     started = time.perf_counter()
     # disable=None: a bar on a terminal only
     with tqdm(total=len(plan), desc="separating", unit="file", disable=None if progress else True) as bar:
@@ -95,10 +104,10 @@ def separate_files(separator, inputs, references, out_dir, modes, factor=DEFAULT
             path, outputs, picture = plan[i]
             for mode, out_path in outputs.items():
                 save_wav(out_path, result.wavs[mode], rate)
-                written.append(out_path)
+                wrote(out_path)
             if plot:
                 save_result_picture(picture, result, path, references[i], modes, factor, hp)
-                written.append(picture)
+                wrote(picture)
             if not bar.n:  # the first network call pays for choosing its kernels: shown apart in -v
                 logger.info("first mixture written %.2f s after the start of separation", time.perf_counter() - started)
             bar.update(1)
