@@ -226,3 +226,20 @@ def test_film_starts_as_the_original_network_and_learns():
         assert torch.equal(film.eval()(x, d), plain.eval()(x, d))
     film.train()(x, d).square().mean().backward()
     assert all(layer.weight.grad.abs().sum() > 0 for layer in film.film)
+
+
+def test_in_place_relus_give_the_same_gradients_bit_for_bit():
+    hp = HParam("config/tiny.yaml")
+    torch.manual_seed(0)
+    model = VoiceFilter(hp).train()
+    assert [m.inplace for m in model.conv if isinstance(m, torch.nn.ReLU)] == [True] * 8
+    copy = VoiceFilter(hp).train()
+    copy.load_state_dict(model.state_dict())
+    for module in copy.conv:
+        if isinstance(module, torch.nn.ReLU):
+            module.inplace = False
+    x, d = torch.rand(2, 40, 257), torch.randn(2, 256)
+    for net in (model, copy):
+        net(x, d).square().mean().backward()
+    for (name, a), b in zip(model.named_parameters(), copy.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad), name
