@@ -48,7 +48,8 @@ if __name__ == "__main__":
 
 from reverse_voicefilter.bench import common, machine, quality_data, quality_report  # noqa: E402
 from reverse_voicefilter.core.atomic import write_text  # noqa: E402
-from reverse_voicefilter.core.hparams import HParam, dump, merge  # noqa: E402
+from reverse_voicefilter.core.checkpoint import NOT_HYPERPARAMETERS  # noqa: E402
+from reverse_voicefilter.core.hparams import HParam, config_changes, dump, merge  # noqa: E402
 from reverse_voicefilter.core.jsonfile import json_text, write_json  # noqa: E402
 
 ROOT = common.ROOT
@@ -188,16 +189,14 @@ def resume_point(args, run_dir, config_text):
     last = max(found)
     if args.steps and last >= args.steps:
         return None
-    old = config.read_text()
-    if old != config_text:
-        # a larger --steps changes only train.max_steps, which moves the end of a decaying rate; the
-        # memory format is the same model
-        before, now = HParam.from_string(old).to_dict(), HParam.from_string(config_text).to_dict()
-        for key in ("max_steps", "channels_last"):
-            before["train"][key] = now["train"][key]
-        if now["train"]["lr_schedule"] != "constant" or before != now:
-            sys.exit(f"error: --resume: {run_dir.name} was trained with another config ({config}); "
-                     "leave out --resume to train it again from the start")
+    old_text = config.read_text()
+    old, now = HParam.from_string(old_text), HParam.from_string(config_text)
+    # what the trainer's own resume lets change (a larger --steps, the memory format, ...), except a
+    # larger --steps where it moves the end of a decaying rate
+    moved_end = now.train.lr_schedule != "constant" and old.train.max_steps != now.train.max_steps
+    if config_changes(old_text, now, ignore=NOT_HYPERPARAMETERS) or moved_end:
+        sys.exit(f"error: --resume: {run_dir.name} was trained with another config ({config}); "
+                 "leave out --resume to train it again from the start")
     return found[last], quality_report.segments(run_dir)
 
 
